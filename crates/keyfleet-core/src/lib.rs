@@ -1,0 +1,20 @@
+//! keyfleet's domain: the JWK/JWKS model, strict EdDSA JWT validation and the key ring's
+//! lifecycle state machine.
+//!
+//! Architecture invariant: this crate does no I/O and never reads the clock. Every function
+//! that depends on time takes `now` (Unix seconds) as a parameter, so the whole lifecycle can be
+//! driven through any timeline in tests.
+
+pub mod jwk;
+pub mod reason;
+pub mod ring;
+pub mod strict_json;
+pub mod token;
+
+pub use jwk::{Jwk, KeySet, RejectedKey};
+pub use reason::Reason;
+pub use ring::{KeyRecord, KeyRing, KeyState, NewKey, RingError, RingPolicy};
+pub use token::{sign_token, validate, Policy, TokenClaims, Verified};
+
+/// Unix time in whole seconds, the unit of every JWT time claim.
+pub type UnixSeconds = i64;

@@ -1,0 +1,14 @@
+//! Plumbing shared by keyfleet's servers: the one clock, telemetry init, serving gRPC and HTTP
+//! on already-bound listeners, and shutdown.
+
+pub mod clock;
+pub mod serve;
+pub mod telemetry;
+
+pub use clock::Clock;
+pub use tokio_util::sync::CancellationToken;
+
+/// Parses a humane duration (`90s`, `15m`, `24h`, `1h30m`) for clap.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 90s, 15m or 24h)"))
+}
