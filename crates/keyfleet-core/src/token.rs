@@ -7,7 +7,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signature, Signer, SigningKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -153,16 +153,22 @@ pub fn validate(
 
     // Signature before any claim is trusted (or even decoded).
     let sig = decode_segment(s64, "signature").map_err(with_kid)?;
-    let sig: [u8; 64] = sig
-        .try_into()
-        .map_err(|_| with_kid(refuse(Reason::BadSignature, "an Ed25519 signature is 64 bytes")))?;
     let signing_input = &token.as_bytes()[..h64.len() + 1 + c64.len()];
-    key.verify_strict(signing_input, &Signature::from_bytes(&sig))
-        .map_err(|_| with_kid(refuse(Reason::BadSignature, "signature does not verify")))?;
+    if !verify_signature(key, signing_input, &sig) {
+        return Err(with_kid(refuse(Reason::BadSignature, "signature does not verify")));
+    }
 
     let claims = decode_segment(c64, "claims").map_err(with_kid)?;
     let claims = parse_object(&claims).map_err(|e| with_kid(refuse(Reason::Malformed, format!("claims: {e}"))))?;
     check_claims(kid, claims, keys, now, policy, audience).map_err(with_kid)
+}
+
+/// The one signature check: strict Ed25519 (canonical `S`, no small-order `R` or weak key).
+pub fn verify_signature(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
+    let Ok(sig) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    key.verify_strict(message, &Signature::from_bytes(&sig)).is_ok()
 }
 
 fn decode_segment(segment: &str, what: &str) -> Result<Vec<u8>, Refusal> {
