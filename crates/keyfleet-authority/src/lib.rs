@@ -1,1 +1,79 @@
-//! keyfleet-authority
+//! keyfleet's signing authority: owns the Ed25519 key ring, mints tokens and publishes the
+//! JWKS over gRPC (`GetJwks`, the `WatchJwks` push stream) and HTTP.
+//!
+//! Every change to the ring is persisted (atomically, fsynced) before it is published, so what
+//! verifiers have seen is always on disk; a restart publishes exactly the same keys.
+
+mod admin;
+mod authority;
+mod error;
+mod grpc;
+mod http;
+mod kek;
+mod metrics;
+mod store;
+mod watchers;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyfleet_core::RingPolicy;
+use keyfleet_runtime::{CancellationToken, Clock};
+use tokio::net::TcpListener;
+
+pub use authority::Authority;
+pub use error::OpenError;
+pub use kek::{Kek, KekError};
+pub use store::KEYRING_FILE;
+
+/// The authority's configuration, validated by [`Authority::open`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `keyring.json`.
+    pub data_dir: PathBuf,
+    /// The `iss` of every token.
+    pub issuer: String,
+    /// The admin bearer token; created (mode 0600, random) when missing.
+    pub admin_token_file: PathBuf,
+    pub policy: RingPolicy,
+    /// When set, private keys are sealed at rest with it.
+    pub kek: Option<Kek>,
+    pub clock: Clock,
+    /// A watcher not heard from this long does not hold back a promotion.
+    pub watcher_timeout: Duration,
+    /// Period of the lifecycle tick (promotion, retirement, scheduled rotation).
+    pub tick_interval: Duration,
+}
+
+impl Config {
+    /// A configuration for tests: the system clock, fast ticks, a 2s publish-ahead, a 60s token
+    /// TTL, and the admin token file inside `data_dir`.
+    pub fn for_test(data_dir: &Path) -> Config {
+        Config {
+            data_dir: data_dir.to_owned(),
+            issuer: "keyfleet".into(),
+            admin_token_file: data_dir.join("admin.token"),
+            policy: RingPolicy {
+                token_ttl: 60,
+                leeway: 5,
+                rotation_period: 3600,
+                publish_ahead: 2,
+            },
+            kek: None,
+            clock: Clock::system(),
+            watcher_timeout: Duration::from_secs(5),
+            tick_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Opens the authority and serves it until `shutdown` is cancelled.
+pub async fn run(
+    grpc: TcpListener,
+    http: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let authority = Authority::open(config)?;
+    authority.serve(grpc, http, shutdown).await
+}

@@ -260,10 +260,10 @@ fn check_claims(
     if iat.is_some_and(|iat| now_f + leeway < iat) {
         return Err(refuse(Reason::NotYetValid, "iat is in the future"));
     }
-    if let Some(max) = policy.max_lifetime {
-        if exp - iat.unwrap_or(now_f) > max as f64 {
-            return Err(refuse(Reason::Malformed, "lifetime exceeds --max-lifetime"));
-        }
+    if let Some(max) = policy.max_lifetime
+        && exp - iat.unwrap_or(now_f) > max as f64
+    {
+        return Err(refuse(Reason::Malformed, "lifetime exceeds --max-lifetime"));
     }
     if iss != policy.issuer {
         return Err(refuse(Reason::WrongIssuer, "iss does not match the expected issuer"));

@@ -1,0 +1,144 @@
+//! The authority's Prometheus metrics. Every label is bounded (key states, rotation triggers).
+
+use keyfleet_core::{KeyRing, KeyState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// What made the active key change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    Scheduled,
+    Manual,
+    Revocation,
+}
+
+impl Trigger {
+    const ALL: [Trigger; 3] = [Trigger::Scheduled, Trigger::Manual, Trigger::Revocation];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Scheduled => "scheduled",
+            Trigger::Manual => "manual",
+            Trigger::Revocation => "revocation",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: &'static str,
+}
+
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    keys: Family<StateLabel, Gauge>,
+    pub tokens_issued: Counter,
+    pub watchers: Gauge,
+    jwks_version: Gauge,
+    rotations: Family<TriggerLabel, Counter>,
+    next_rotation: Gauge,
+    pub persist_failures: Counter,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let keys = Family::<StateLabel, Gauge>::default();
+        let tokens_issued = Counter::default();
+        let watchers = Gauge::default();
+        let jwks_version = Gauge::default();
+        let rotations = Family::<TriggerLabel, Counter>::default();
+        let next_rotation = Gauge::default();
+        let persist_failures = Counter::default();
+        registry.register("keyfleet_keys", "Keys in the ring by state", keys.clone());
+        registry.register(
+            "keyfleet_tokens_issued",
+            "Tokens minted",
+            tokens_issued.clone(),
+        );
+        registry.register(
+            "keyfleet_watchers",
+            "Connected WatchJwks watchers",
+            watchers.clone(),
+        );
+        registry.register(
+            "keyfleet_jwks_version",
+            "Version of the published JWKS",
+            jwks_version.clone(),
+        );
+        registry.register(
+            "keyfleet_rotations",
+            "Active key changes by trigger",
+            rotations.clone(),
+        );
+        registry.register(
+            "keyfleet_key_next_rotation_timestamp_seconds",
+            "Unix time of the next scheduled rotation",
+            next_rotation.clone(),
+        );
+        registry.register(
+            "keyfleet_keyring_persist_failures",
+            "Failed writes of the key ring (the change was not applied)",
+            persist_failures.clone(),
+        );
+        for trigger in Trigger::ALL {
+            let _ = rotations.get_or_create(&TriggerLabel {
+                trigger: trigger.as_str(),
+            });
+        }
+        Metrics {
+            registry,
+            keys,
+            tokens_issued,
+            watchers,
+            jwks_version,
+            rotations,
+            next_rotation,
+            persist_failures,
+        }
+    }
+
+    /// Refreshes the gauges that describe the ring.
+    pub(crate) fn observe_ring(&self, ring: &KeyRing) {
+        for state in [KeyState::Next, KeyState::Active, KeyState::Retiring] {
+            let n = ring.keys.iter().filter(|k| k.state == state).count();
+            self.keys
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(n as i64);
+        }
+        self.keys
+            .get_or_create(&StateLabel {
+                state: KeyState::Revoked.as_str(),
+            })
+            .set(ring.revoked_kids.len() as i64);
+        self.jwks_version.set(ring.version as i64);
+        self.next_rotation.set(ring.next_rotation_at());
+    }
+
+    pub(crate) fn rotated(&self, trigger: Trigger) {
+        self.rotations
+            .get_or_create(&TriggerLabel {
+                trigger: trigger.as_str(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

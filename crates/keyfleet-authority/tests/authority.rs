@@ -1,0 +1,1035 @@
+//! End-to-end tests of the signing authority: real gRPC and HTTP servers on 127.0.0.1:0, a
+//! manual clock to step through rotations and retention, and the key ring on disk.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use keyfleet_authority::{Authority, Config, KEYRING_FILE, Kek, OpenError};
+use keyfleet_core::{Jwk, KeySet, RingPolicy};
+use keyfleet_proto::v1 as pb;
+use keyfleet_proto::v1::authority_client::AuthorityClient;
+use keyfleet_runtime::{CancellationToken, Clock};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Streaming};
+
+const START: i64 = 1_700_000_000;
+
+struct TestAuthority {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    admin: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestAuthority {
+    async fn spawn(config: Config) -> TestAuthority {
+        keyfleet_runtime::telemetry::test_init();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let authority = Authority::open(config).unwrap();
+        let admin = authority.admin_token();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(authority.serve(grpc, http, shutdown.clone()));
+        TestAuthority {
+            grpc: grpc_addr,
+            http: http_addr,
+            admin,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn client(&self) -> AuthorityClient<Channel> {
+        AuthorityClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    /// `msg` with the admin credential.
+    fn admin<T>(&self, msg: T) -> Request<T> {
+        with_bearer(msg, &self.admin)
+    }
+
+    /// Cancels and checks that both servers drain and `serve` returns Ok.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the authority drains within 10s")
+            .unwrap();
+        result.unwrap();
+    }
+}
+
+fn with_bearer<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// Polls `check` until it holds, for at most 10s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn manual_config(dir: &Path, clock: &Clock, policy: RingPolicy) -> Config {
+    Config {
+        clock: clock.clone(),
+        policy,
+        ..Config::for_test(dir)
+    }
+}
+
+fn policy() -> RingPolicy {
+    RingPolicy {
+        token_ttl: 60,
+        leeway: 5,
+        rotation_period: 1000,
+        publish_ahead: 30,
+    }
+}
+
+async fn jwks(client: &mut AuthorityClient<Channel>) -> pb::JwksSnapshot {
+    client
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn kids(snapshot: &pb::JwksSnapshot) -> BTreeSet<String> {
+    snapshot.keys.iter().map(|k| k.kid.clone()).collect()
+}
+
+fn next_kid(snapshot: &pb::JwksSnapshot) -> String {
+    let next: Vec<&str> = snapshot
+        .keys
+        .iter()
+        .map(|k| k.kid.as_str())
+        .filter(|k| *k != snapshot.active_kid)
+        .collect();
+    assert_eq!(
+        next.len(),
+        1,
+        "one next key besides the active one: {snapshot:?}"
+    );
+    next[0].to_owned()
+}
+
+/// The token's payload as JSON (no verification).
+fn payload(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Verifies `token` strictly against `snapshot`, as a verifier would.
+fn verify(
+    token: &str,
+    snapshot: &pb::JwksSnapshot,
+    now: i64,
+) -> Result<keyfleet_core::Verified, keyfleet_core::token::Refusal> {
+    let jwks: Vec<Jwk> = snapshot
+        .keys
+        .iter()
+        .map(|k| Jwk {
+            kty: k.kty.clone(),
+            crv: k.crv.clone(),
+            x: k.x.clone(),
+            kid: k.kid.clone(),
+            use_: k.r#use.clone(),
+            alg: k.alg.clone(),
+            ..Jwk::default()
+        })
+        .collect();
+    let (set, rejected) = KeySet::build(
+        snapshot.version,
+        None,
+        &jwks,
+        snapshot.revoked_kids.clone(),
+        [],
+    );
+    assert!(rejected.is_empty(), "{rejected:?}");
+    keyfleet_core::validate(
+        token,
+        &set,
+        now,
+        &keyfleet_core::Policy::new(&snapshot.issuer),
+        None,
+    )
+}
+
+async fn issue(
+    auth: &TestAuthority,
+    client: &mut AuthorityClient<Channel>,
+) -> pb::IssueTokenResponse {
+    let req = pb::IssueTokenRequest {
+        subject: "svc-a".into(),
+        audience: vec!["api".into()],
+        ..Default::default()
+    };
+    client
+        .issue_token(auth.admin(req))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The kids whose private key is stored in `keyring.json`.
+fn stored_private_kids(dir: &Path) -> BTreeSet<String> {
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(KEYRING_FILE)).unwrap()).unwrap();
+    file["private_keys"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn restart_publishes_the_same_keys_and_signs_with_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let mut client = auth.client().await;
+    let before = jwks(&mut client).await;
+    let issued = issue(&auth, &mut client).await;
+    assert_eq!(issued.kid, before.active_kid);
+    let verified = verify(
+        &issued.token,
+        &before,
+        keyfleet_runtime::clock::system_now(),
+    )
+    .unwrap();
+    assert_eq!(verified.subject, "svc-a");
+    assert_eq!(before.keys.len(), 2, "active and next are published");
+    let admin = auth.admin.clone();
+    auth.stop().await;
+
+    #[cfg(unix)]
+    for file in [KEYRING_FILE, "admin.token"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+    // A crash may leave a temporary file behind: it is ignored and removed.
+    std::fs::write(dir.path().join("keyring.json.tmp"), b"{ half a ring").unwrap();
+
+    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    assert_eq!(auth.admin, admin, "the admin token file is reused");
+    let mut client = auth.client().await;
+    let after = jwks(&mut client).await;
+    assert_eq!(after.keys, before.keys);
+    assert_eq!(after.active_kid, before.active_kid);
+    assert_eq!(after.version, before.version);
+    assert_eq!(issue(&auth, &mut client).await.kid, before.active_kid);
+    assert!(!dir.path().join("keyring.json.tmp").exists());
+    auth.stop().await;
+}
+
+#[test]
+fn open_refuses_bad_state_without_touching_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = Kek::generate();
+    let sealed_config = || Config {
+        kek: Some(kek.clone()),
+        ..Config::for_test(dir.path())
+    };
+    let first = Authority::open(sealed_config()).unwrap();
+    drop(first);
+    let ring_path = dir.path().join(KEYRING_FILE);
+    let bytes = std::fs::read(&ring_path).unwrap();
+    let file: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(file["sealed"], true);
+
+    // The right KEK opens it, again and again, with the same keys.
+    let reopened = Authority::open(sealed_config()).unwrap();
+    drop(reopened);
+    let kek_file = dir.path().join("kek");
+    std::fs::write(&kek_file, format!("{}\n", kek.to_hex())).unwrap();
+    Authority::open(Config {
+        kek: Some(Kek::from_file(&kek_file).unwrap()),
+        ..Config::for_test(dir.path())
+    })
+    .unwrap();
+    let bytes = std::fs::read(&ring_path).unwrap();
+
+    let check = |config: Config, want: &str| {
+        let err = Authority::open(config).expect_err(want);
+        let message = err.to_string();
+        assert!(
+            message.contains(want),
+            "{message:?} should contain {want:?}"
+        );
+        assert_eq!(
+            std::fs::read(&ring_path).unwrap(),
+            bytes,
+            "{want}: the ring file is untouched"
+        );
+        err
+    };
+    let err = check(
+        Config::for_test(dir.path()),
+        "is sealed: pass --kek-file or KEYFLEET_KEK",
+    );
+    assert!(matches!(err, OpenError::Sealed { .. }));
+    let err = check(
+        Config {
+            kek: Some(Kek::generate()),
+            ..Config::for_test(dir.path())
+        },
+        "key-encryption key",
+    );
+    assert!(matches!(err, OpenError::WrongKek { .. }));
+    let bad_policy = RingPolicy {
+        publish_ahead: 5000,
+        rotation_period: 1000,
+        ..policy()
+    };
+    check(
+        Config {
+            policy: bad_policy,
+            ..sealed_config()
+        },
+        "--publish-ahead",
+    );
+
+    // An unsealed ring refuses a KEK; a damaged ring is refused with advice.
+    let plain = tempfile::tempdir().unwrap();
+    drop(Authority::open(Config::for_test(plain.path())).unwrap());
+    let plain_ring = plain.path().join(KEYRING_FILE);
+    let plain_bytes = std::fs::read(&plain_ring).unwrap();
+    let err = Authority::open(Config {
+        kek: Some(kek.clone()),
+        ..Config::for_test(plain.path())
+    })
+    .unwrap_err();
+    assert!(matches!(err, OpenError::NotSealed { .. }), "{err}");
+    assert_eq!(std::fs::read(&plain_ring).unwrap(), plain_bytes);
+    let mut damaged: Value = serde_json::from_slice(&plain_bytes).unwrap();
+    let active = damaged["ring"]["keys"][0]["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    damaged["private_keys"]
+        .as_object_mut()
+        .unwrap()
+        .remove(&active);
+    let damaged = serde_json::to_vec(&damaged).unwrap();
+    for (what, content) in [
+        ("truncated", &plain_bytes[..plain_bytes.len() / 2]),
+        ("missing key", &damaged[..]),
+    ] {
+        std::fs::write(&plain_ring, content).unwrap();
+        let err = Authority::open(Config::for_test(plain.path())).unwrap_err();
+        assert!(
+            matches!(err, OpenError::CorruptRing { .. }),
+            "{what}: {err}"
+        );
+        assert!(
+            err.to_string().contains("restore it from a backup"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&plain_ring).unwrap(), content, "{what}");
+    }
+
+    // A failed open creates no admin token file either.
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join(KEYRING_FILE), b"not json").unwrap();
+    Authority::open(Config::for_test(fresh.path())).unwrap_err();
+    assert!(!fresh.path().join("admin.token").exists());
+}
+
+#[tokio::test]
+async fn admin_calls_need_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let mut client = auth.client().await;
+    let bad: [(&str, Option<&str>); 3] = [
+        ("none", None),
+        ("wrong", Some("Bearer nope")),
+        ("scheme", Some("Basic x")),
+    ];
+    for (what, header) in bad {
+        fn req<T>(msg: T, header: Option<&str>) -> Request<T> {
+            let mut req = Request::new(msg);
+            if let Some(h) = header {
+                req.metadata_mut()
+                    .insert("authorization", h.parse().unwrap());
+            }
+            req
+        }
+        let issue = pb::IssueTokenRequest {
+            subject: "s".into(),
+            ..Default::default()
+        };
+        let codes = [
+            client.issue_token(req(issue, header)).await.map(drop),
+            client
+                .rotate_keys(req(pb::RotateKeysRequest {}, header))
+                .await
+                .map(drop),
+            client
+                .revoke_key(req(pb::RevokeKeyRequest { kid: "k".into() }, header))
+                .await
+                .map(drop),
+            client
+                .revoke_token(req(
+                    pb::RevokeTokenRequest {
+                        jti: "j".into(),
+                        until: 0,
+                    },
+                    header,
+                ))
+                .await
+                .map(drop),
+        ];
+        for status in codes {
+            let status = status.expect_err(what);
+            assert_eq!(status.code(), Code::Unauthenticated, "{what}");
+            assert!(
+                status.message().contains("--admin-token-file"),
+                "{}",
+                status.message()
+            );
+        }
+    }
+    // Reads need no credential.
+    client.get_jwks(pb::GetJwksRequest {}).await.unwrap();
+    client.list_keys(pb::ListKeysRequest {}).await.unwrap();
+
+    // IssueToken validation.
+    let base = || pb::IssueTokenRequest {
+        subject: "svc".into(),
+        ..Default::default()
+    };
+    let claims = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
+    let cases = [
+        (
+            pb::IssueTokenRequest {
+                subject: String::new(),
+                ..base()
+            },
+            "subject is required",
+        ),
+        (
+            pb::IssueTokenRequest {
+                ttl_seconds: 61,
+                ..base()
+            },
+            "--token-ttl (60s)",
+        ),
+        (
+            pb::IssueTokenRequest {
+                ttl_seconds: -1,
+                ..base()
+            },
+            "between 1 and",
+        ),
+        (
+            pb::IssueTokenRequest {
+                claims: claims("exp", "1"),
+                ..base()
+            },
+            "claim \"exp\" is registered",
+        ),
+        (
+            pb::IssueTokenRequest {
+                audience: vec![String::new()],
+                ..base()
+            },
+            "audience cannot be empty",
+        ),
+        (
+            pb::IssueTokenRequest {
+                claims: claims("big", &"x".repeat(9000)),
+                ..base()
+            },
+            "bytes",
+        ),
+    ];
+    for (req, want) in cases {
+        let status = client.issue_token(auth.admin(req)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{want}");
+        assert!(
+            status.message().contains(want),
+            "{:?} should contain {want:?}",
+            status.message()
+        );
+    }
+    let mut claims = claims("role", "admin");
+    claims.insert("level".into(), "3".into());
+    claims.insert("tags".into(), r#"["a","b"]"#.into());
+    let req = pb::IssueTokenRequest {
+        subject: "svc".into(),
+        audience: vec!["a".into(), "b".into()],
+        ttl_seconds: 30,
+        claims,
+    };
+    let issued = client
+        .issue_token(auth.admin(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let body = payload(&issued.token);
+    assert_eq!(body["sub"], "svc");
+    assert_eq!(body["iss"], "keyfleet");
+    assert_eq!(body["aud"], serde_json::json!(["a", "b"]));
+    assert_eq!(body["role"], "admin");
+    assert_eq!(body["level"], 3);
+    assert_eq!(body["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(body["jti"], issued.jti.as_str());
+    assert_eq!(body["exp"].as_i64().unwrap(), issued.expires_at);
+    assert_eq!(issued.expires_at - body["iat"].as_i64().unwrap(), 30);
+    assert_eq!(body["nbf"], body["iat"]);
+    let other = issue(&auth, &mut client).await;
+    assert_ne!(other.jti, issued.jti);
+    assert_eq!(
+        other.expires_at - payload(&other.token)["iat"].as_i64().unwrap(),
+        60,
+        "ttl 0 is the maximum"
+    );
+    auth.stop().await;
+}
+
+/// A watch stream and the sender of its acknowledgements.
+struct Watch {
+    acks: mpsc::Sender<pb::WatchJwksRequest>,
+    snapshots: Streaming<pb::JwksSnapshot>,
+}
+
+impl Watch {
+    async fn open(client: &mut AuthorityClient<Channel>, node_id: &str) -> Watch {
+        let (acks, rx) = mpsc::channel(8);
+        acks.send(pb::WatchJwksRequest {
+            node_id: node_id.into(),
+            region: "eu-west".into(),
+            acked_version: 0,
+        })
+        .await
+        .unwrap();
+        let snapshots = client
+            .watch_jwks(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Watch { acks, snapshots }
+    }
+
+    async fn next(&mut self) -> pb::JwksSnapshot {
+        tokio::time::timeout(Duration::from_secs(10), self.snapshots.message())
+            .await
+            .expect("a snapshot within 10s")
+            .unwrap()
+            .expect("the stream is open")
+    }
+
+    async fn ack(&self, version: u64) {
+        self.acks
+            .send(pb::WatchJwksRequest {
+                acked_version: version,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+async fn list(client: &mut AuthorityClient<Channel>) -> pb::ListKeysResponse {
+    client
+        .list_keys(pb::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn promotion_waits_for_live_watchers_to_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(START);
+    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let mut client = auth.client().await;
+    let mut watch = Watch::open(&mut client, "verifier-1").await;
+    let first = watch.next().await;
+    assert_eq!(
+        first,
+        jwks(&mut client).await.into_with_time(first.generated_at)
+    );
+    let old_active = first.active_kid.clone();
+    let next = next_kid(&first);
+    eventually("the watcher is listed", || {
+        let mut client = client.clone();
+        async move {
+            list(&mut client)
+                .await
+                .watchers
+                .iter()
+                .any(|w| w.node_id == "verifier-1" && w.connected)
+        }
+    })
+    .await;
+
+    // The watcher has not acknowledged the version carrying the next key: no promotion yet.
+    let rotated = client
+        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.promoting_kid, next);
+    assert!(!rotated.activated);
+    assert_eq!(rotated.active_kid, old_active);
+    // Ticks keep running; still nothing moves while the clock stands still.
+    let version = first.version;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(jwks(&mut client).await.active_kid, old_active);
+    }
+    assert_eq!(issue(&auth, &mut client).await.kid, old_active);
+
+    // The acknowledgement releases it, and the new state is pushed with a new next key.
+    watch.ack(version).await;
+    let pushed = watch.next().await;
+    assert_eq!(pushed.active_kid, next);
+    assert!(pushed.version > version);
+    let keys = kids(&pushed);
+    assert!(
+        keys.contains(&old_active),
+        "the old key stays published while retiring"
+    );
+    assert_eq!(
+        keys.len(),
+        3,
+        "retiring, active and a new next key: {keys:?}"
+    );
+    assert_eq!(issue(&auth, &mut client).await.kid, next);
+    let listed = list(&mut client).await;
+    let watcher = listed
+        .watchers
+        .iter()
+        .find(|w| w.node_id == "verifier-1")
+        .unwrap();
+    assert_eq!(
+        (watcher.acked_version, watcher.region.as_str()),
+        (version, "eu-west")
+    );
+
+    // Without an ack, publish-ahead is the latest a next key waits.
+    let second_next = next_kid(&pb::JwksSnapshot {
+        keys: pushed
+            .keys
+            .iter()
+            .filter(|k| k.kid != old_active)
+            .cloned()
+            .collect(),
+        ..pushed.clone()
+    });
+    let rotated = client
+        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (rotated.promoting_kid.as_str(), rotated.activated),
+        (second_next.as_str(), false)
+    );
+    clock.advance(policy().publish_ahead);
+    let pushed = watch.next().await;
+    assert_eq!(pushed.active_kid, second_next);
+
+    // Stopping with a watch stream open still drains.
+    auth.stop().await;
+}
+
+trait WithTime {
+    fn into_with_time(self, t: i64) -> Self;
+}
+
+impl WithTime for pb::JwksSnapshot {
+    fn into_with_time(self, generated_at: i64) -> Self {
+        pb::JwksSnapshot {
+            generated_at,
+            ..self
+        }
+    }
+}
+
+#[tokio::test]
+async fn retiring_key_stays_published_until_its_tokens_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(START);
+    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let mut client = auth.client().await;
+    let first = jwks(&mut client).await;
+    let old = first.active_kid.clone();
+    let token = issue(&auth, &mut client).await;
+    assert!(stored_private_kids(dir.path()).contains(&old));
+
+    // No watcher: the next key is safe at once.
+    let rotated = client
+        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rotated.activated);
+    assert_ne!(rotated.active_kid, old);
+    let listed = list(&mut client).await;
+    let retiring = listed.keys.iter().find(|k| k.kid == old).unwrap();
+    assert_eq!(retiring.state, pb::KeyState::Retiring as i32);
+    assert_eq!(retiring.deactivated_at, START);
+    assert_eq!(retiring.retire_at, START + 60 + 5);
+    assert!(
+        !stored_private_kids(dir.path()).contains(&old),
+        "the private key is destroyed at deactivation"
+    );
+    assert_eq!(stored_private_kids(dir.path()).len(), 2);
+
+    // Tokens it signed keep verifying until the retention ends.
+    clock.advance(64);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let snapshot = jwks(&mut client).await;
+    assert!(kids(&snapshot).contains(&old));
+    assert_eq!(
+        verify(&token.token, &snapshot, START + 59).unwrap().kid,
+        old
+    );
+    clock.advance(1);
+    eventually("the retiring key leaves the JWKS", || {
+        let mut client = client.clone();
+        let old = old.clone();
+        async move { !kids(&jwks(&mut client).await).contains(&old) }
+    })
+    .await;
+    assert!(list(&mut client).await.keys.iter().all(|k| k.kid != old));
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn revocation_takes_effect_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(START);
+    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let mut client = auth.client().await;
+    let mut watch = Watch::open(&mut client, "").await;
+    let first = watch.next().await;
+    let old = first.active_kid.clone();
+
+    let revoked = client
+        .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: old.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked_kid, old);
+    assert_ne!(revoked.active_kid, old);
+    assert!(revoked.version > first.version);
+    let pushed = watch.next().await;
+    assert_eq!(pushed.version, revoked.version);
+    assert!(!kids(&pushed).contains(&old));
+    assert_eq!(pushed.revoked_kids, vec![old.clone()]);
+    assert_eq!(pushed.active_kid, revoked.active_kid);
+    assert_eq!(
+        pushed.keys.len(),
+        2,
+        "the new active key and a new next key"
+    );
+    assert_eq!(issue(&auth, &mut client).await.kid, revoked.active_kid);
+    assert!(!stored_private_kids(dir.path()).contains(&old));
+    let listed = list(&mut client).await;
+    let entry = listed
+        .keys
+        .iter()
+        .find(|k| k.kid == old)
+        .expect("revoked kids are listed");
+    assert_eq!(
+        (entry.state, entry.revoked_at),
+        (pb::KeyState::Revoked as i32, START)
+    );
+    // The watcher without a name is listed under its address.
+    assert!(
+        listed
+            .watchers
+            .iter()
+            .any(|w| w.node_id.starts_with("127.0.0.1:")),
+        "{:?}",
+        listed.watchers
+    );
+
+    let errors = [
+        (old.clone(), Code::FailedPrecondition),
+        ("no-such-kid".to_owned(), Code::NotFound),
+        (String::new(), Code::InvalidArgument),
+    ];
+    for (kid, code) in errors {
+        let status = client
+            .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: kid.clone() }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{kid:?}: {status:?}");
+    }
+
+    // Revoking the next key replaces it.
+    let next = next_kid(&pushed);
+    client
+        .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: next.clone() }))
+        .await
+        .unwrap();
+    let pushed = watch.next().await;
+    assert!(!kids(&pushed).contains(&next));
+    assert_eq!(pushed.keys.len(), 2);
+
+    // Single tokens.
+    let status = client
+        .revoke_token(auth.admin(pb::RevokeTokenRequest {
+            jti: String::new(),
+            until: START + 30,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let token = issue(&auth, &mut client).await;
+    let revoked = client
+        .revoke_token(auth.admin(pb::RevokeTokenRequest {
+            jti: token.jti.clone(),
+            until: token.expires_at,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let pushed = watch.next().await;
+    assert_eq!(pushed.version, revoked.version);
+    assert_eq!(
+        pushed.revoked_tokens,
+        vec![pb::RevokedToken {
+            jti: token.jti,
+            until: token.expires_at
+        }]
+    );
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn scheduled_rotation_follows_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(START);
+    let policy = RingPolicy {
+        rotation_period: 100,
+        publish_ahead: 10,
+        ..policy()
+    };
+    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy)).await;
+    let mut client = auth.client().await;
+    let first = jwks(&mut client).await;
+    let listed = list(&mut client).await;
+    assert_eq!(listed.next_rotation_at, START + 100);
+    assert_eq!(
+        (
+            listed.rotation_period_seconds,
+            listed.publish_ahead_seconds,
+            listed.token_ttl_seconds
+        ),
+        (100, 10, 60)
+    );
+    let next = next_kid(&first);
+    clock.advance(99);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(jwks(&mut client).await.active_kid, first.active_kid);
+    clock.advance(1);
+    eventually("the scheduled rotation activates the next key", || {
+        let mut client = client.clone();
+        let next = next.clone();
+        async move { jwks(&mut client).await.active_kid == next }
+    })
+    .await;
+    assert_eq!(list(&mut client).await.next_rotation_at, START + 200);
+    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    assert!(
+        metrics.contains("keyfleet_rotations_total{trigger=\"scheduled\"} 1"),
+        "{metrics}"
+    );
+    auth.stop().await;
+}
+
+/// A minimal HTTP/1.1 GET: status, lower-cased headers, body.
+async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    host: &str,
+) -> (u16, HashMap<String, String>, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+#[tokio::test]
+async fn http_serves_jwks_discovery_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let mut client = auth.client().await;
+    let snapshot = jwks(&mut client).await;
+    issue(&auth, &mut client).await;
+
+    let (status, headers, body) = http_get(auth.http, "/.well-known/jwks.json", "localhost").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        headers["cache-control"], "public, max-age=1",
+        "half of the 2s publish-ahead"
+    );
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), snapshot.keys.len());
+    for (key, want) in keys.iter().zip(&snapshot.keys) {
+        let expected = serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "x": want.x, "kid": want.kid, "use": "sig", "alg": "EdDSA"
+        });
+        assert_eq!(key, &expected);
+    }
+
+    let (status, _, body) = http_get(
+        auth.http,
+        "/.well-known/openid-configuration",
+        "auth.example:8443",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["issuer"], "keyfleet");
+    assert_eq!(
+        doc["jwks_uri"],
+        "http://auth.example:8443/.well-known/jwks.json"
+    );
+    assert_eq!(
+        doc["id_token_signing_alg_values_supported"],
+        serde_json::json!(["EdDSA"])
+    );
+
+    let (status, _, body) = http_get(auth.http, "/metrics", "localhost").await;
+    assert_eq!(status, 200);
+    for line in [
+        "keyfleet_keys{state=\"active\"} 1",
+        "keyfleet_keys{state=\"next\"} 1",
+        "keyfleet_tokens_issued_total 1",
+        "keyfleet_watchers 0",
+        &format!("keyfleet_jwks_version {}", snapshot.version),
+        "keyfleet_rotations_total{trigger=\"manual\"} 0",
+        "keyfleet_key_next_rotation_timestamp_seconds ",
+    ] {
+        assert!(body.contains(line), "{line:?} missing from:\n{body}");
+    }
+    assert!(!body.contains(&auth.admin));
+
+    let (status, _, _) = http_get(auth.http, "/healthz", "localhost").await;
+    assert_eq!(status, 200);
+    let (status, _, _) = http_get(auth.http, "/nope", "localhost").await;
+    assert_eq!(status, 404);
+    auth.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_write_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(START);
+    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let mut client = auth.client().await;
+    let first = jwks(&mut client).await;
+
+    // The rename over the ring fails while its path is a non-empty directory.
+    let ring = dir.path().join(KEYRING_FILE);
+    let saved = std::fs::read(&ring).unwrap();
+    std::fs::remove_file(&ring).unwrap();
+    std::fs::create_dir(&ring).unwrap();
+    std::fs::write(ring.join("blocker"), b"").unwrap();
+    let status = client
+        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("cannot persist the key ring"),
+        "{}",
+        status.message()
+    );
+    let status = client
+        .revoke_key(auth.admin(pb::RevokeKeyRequest {
+            kid: first.active_kid.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let now = jwks(&mut client).await;
+    assert_eq!(
+        (now.version, &now.keys, &now.active_kid),
+        (first.version, &first.keys, &first.active_kid)
+    );
+    assert_eq!(issue(&auth, &mut client).await.kid, first.active_kid);
+
+    // Once the disk takes writes again, the same request goes through.
+    std::fs::remove_dir_all(&ring).unwrap();
+    std::fs::write(&ring, saved).unwrap();
+    let rotated = client
+        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rotated.activated);
+    assert_eq!(rotated.promoting_kid, next_kid(&first));
+    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    assert!(
+        metrics.contains("keyfleet_keyring_persist_failures_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keyfleet_rotations_total{trigger=\"manual\"} 1"),
+        "{metrics}"
+    );
+    auth.stop().await;
+}
