@@ -1,1 +1,4 @@
-//! keyfleet-loadtest
+//! keyfleet's load generator, and the local cluster (an authority and N verifiers on loopback)
+//! that `keyfleet demo`, `keyfleet loadtest --local` and the end-to-end tests start.
+
+pub mod cluster;

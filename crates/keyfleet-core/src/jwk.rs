@@ -183,7 +183,9 @@ impl KeySet {
     }
     /// True while `jti` is on the deny list at `now`.
     pub fn is_token_revoked(&self, jti: &str, now: UnixSeconds) -> bool {
-        self.revoked_tokens.get(jti).is_some_and(|until| now <= *until)
+        self.revoked_tokens
+            .get(jti)
+            .is_some_and(|until| now <= *until)
     }
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -207,7 +209,12 @@ mod tests {
     use super::*;
 
     fn good() -> Jwk {
-        Jwk::ed25519("k1", &ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes())
+        Jwk::ed25519(
+            "k1",
+            &ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+                .verifying_key()
+                .to_bytes(),
+        )
     }
 
     #[test]
@@ -219,16 +226,76 @@ mod tests {
         };
         let cases: Vec<(Jwk, Result<(), RejectedKey>)> = vec![
             (good(), Ok(())),
-            (Jwk { d: Some("x".into()), ..good() }, Err(RejectedKey::PrivatePart)),
-            (Jwk { kty: "EC".into(), ..good() }, Err(RejectedKey::NotOkpEd25519)),
-            (Jwk { crv: "X25519".into(), ..good() }, Err(RejectedKey::NotOkpEd25519)),
-            (Jwk { kid: String::new(), ..good() }, Err(RejectedKey::MissingKid)),
-            (Jwk { use_: "enc".into(), ..good() }, Err(RejectedKey::WrongUse)),
-            (Jwk { alg: "RS256".into(), ..good() }, Err(RejectedKey::WrongUse)),
-            (Jwk { key_ops: vec!["sign".into()], ..good() }, Err(RejectedKey::WrongUse)),
-            (Jwk { x: "AAAA".into(), ..good() }, Err(RejectedKey::BadEncoding)),
-            (Jwk { x: "!!".into(), ..good() }, Err(RejectedKey::BadEncoding)),
-            (Jwk { x: URL_SAFE_NO_PAD.encode(identity), ..good() }, Err(RejectedKey::WeakKey)),
+            (
+                Jwk {
+                    d: Some("x".into()),
+                    ..good()
+                },
+                Err(RejectedKey::PrivatePart),
+            ),
+            (
+                Jwk {
+                    kty: "EC".into(),
+                    ..good()
+                },
+                Err(RejectedKey::NotOkpEd25519),
+            ),
+            (
+                Jwk {
+                    crv: "X25519".into(),
+                    ..good()
+                },
+                Err(RejectedKey::NotOkpEd25519),
+            ),
+            (
+                Jwk {
+                    kid: String::new(),
+                    ..good()
+                },
+                Err(RejectedKey::MissingKid),
+            ),
+            (
+                Jwk {
+                    use_: "enc".into(),
+                    ..good()
+                },
+                Err(RejectedKey::WrongUse),
+            ),
+            (
+                Jwk {
+                    alg: "RS256".into(),
+                    ..good()
+                },
+                Err(RejectedKey::WrongUse),
+            ),
+            (
+                Jwk {
+                    key_ops: vec!["sign".into()],
+                    ..good()
+                },
+                Err(RejectedKey::WrongUse),
+            ),
+            (
+                Jwk {
+                    x: "AAAA".into(),
+                    ..good()
+                },
+                Err(RejectedKey::BadEncoding),
+            ),
+            (
+                Jwk {
+                    x: "!!".into(),
+                    ..good()
+                },
+                Err(RejectedKey::BadEncoding),
+            ),
+            (
+                Jwk {
+                    x: URL_SAFE_NO_PAD.encode(identity),
+                    ..good()
+                },
+                Err(RejectedKey::WeakKey),
+            ),
         ];
         for (jwk, want) in cases {
             assert_eq!(screen(&jwk).map(|_| ()), want, "{jwk:?}");
@@ -237,7 +304,12 @@ mod tests {
 
     #[test]
     fn two_keys_under_one_kid_make_it_unusable() {
-        let other = Jwk::ed25519("k1", &ed25519_dalek::SigningKey::from_bytes(&[8; 32]).verifying_key().to_bytes());
+        let other = Jwk::ed25519(
+            "k1",
+            &ed25519_dalek::SigningKey::from_bytes(&[8; 32])
+                .verifying_key()
+                .to_bytes(),
+        );
         let keys = [good(), other, good()];
         let (set, rejected) = KeySet::build(1, None, &keys, [], []);
         assert!(set.key("k1").is_none());

@@ -14,7 +14,7 @@ pub mod token;
 pub use jwk::{Jwk, KeySet, RejectedKey};
 pub use reason::Reason;
 pub use ring::{KeyRecord, KeyRing, KeyState, NewKey, RingError, RingPolicy};
-pub use token::{sign_token, validate, Policy, TokenClaims, Verified};
+pub use token::{Policy, TokenClaims, Verified, sign_token, validate};
 
 /// Unix time in whole seconds, the unit of every JWT time claim.
 pub type UnixSeconds = i64;

@@ -13,8 +13,8 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use crate::jwk::Jwk;
 use crate::UnixSeconds;
+use crate::jwk::Jwk;
 
 /// Upper bound of the single-token deny list; past it `revoke_token` refuses.
 pub const MAX_REVOKED_TOKENS: usize = 100_000;
@@ -84,7 +84,12 @@ pub struct RingPolicy {
 
 impl Default for RingPolicy {
     fn default() -> Self {
-        RingPolicy { token_ttl: 15 * 60, leeway: 60, rotation_period: 24 * 3600, publish_ahead: 10 * 60 }
+        RingPolicy {
+            token_ttl: 15 * 60,
+            leeway: 60,
+            rotation_period: 24 * 3600,
+            publish_ahead: 10 * 60,
+        }
     }
 }
 
@@ -172,7 +177,12 @@ pub struct KeyRing {
 
 impl KeyRing {
     /// A new ring: `active` signs from `now`, `next` is published alongside it.
-    pub fn bootstrap(policy: RingPolicy, now: UnixSeconds, active: NewKey, next: NewKey) -> KeyRing {
+    pub fn bootstrap(
+        policy: RingPolicy,
+        now: UnixSeconds,
+        active: NewKey,
+        next: NewKey,
+    ) -> KeyRing {
         let mut ring = KeyRing {
             policy,
             version: 1,
@@ -207,9 +217,15 @@ impl KeyRing {
 
     /// Checks the invariants a loaded ring must hold: exactly one active key, unique kids.
     pub fn check(&self) -> Result<(), RingError> {
-        let active = self.keys.iter().filter(|k| k.state == KeyState::Active).count();
+        let active = self
+            .keys
+            .iter()
+            .filter(|k| k.state == KeyState::Active)
+            .count();
         if active != 1 {
-            return Err(RingError::Inconsistent(format!("{active} active keys, want exactly 1")));
+            return Err(RingError::Inconsistent(format!(
+                "{active} active keys, want exactly 1"
+            )));
         }
         let mut kids: Vec<&str> = self.keys.iter().map(|k| k.kid.as_str()).collect();
         kids.sort_unstable();
@@ -221,7 +237,10 @@ impl KeyRing {
 
     pub fn active(&self) -> &KeyRecord {
         // `check` and every transition keep exactly one active key.
-        self.keys.iter().find(|k| k.state == KeyState::Active).expect("ring has an active key")
+        self.keys
+            .iter()
+            .find(|k| k.state == KeyState::Active)
+            .expect("ring has an active key")
     }
 
     pub fn next(&self) -> Option<&KeyRecord> {
@@ -242,13 +261,19 @@ impl KeyRing {
 
     /// The published keys, active first.
     pub fn jwks(&self) -> Vec<Jwk> {
-        let mut keys: Vec<&KeyRecord> = self.keys.iter().filter(|k| k.state.is_published()).collect();
+        let mut keys: Vec<&KeyRecord> = self
+            .keys
+            .iter()
+            .filter(|k| k.state.is_published())
+            .collect();
         keys.sort_by_key(|k| match k.state {
             KeyState::Active => 0,
             KeyState::Next => 1,
             _ => 2,
         });
-        keys.into_iter().map(|k| Jwk::ed25519(&k.kid, &k.public)).collect()
+        keys.into_iter()
+            .map(|k| Jwk::ed25519(&k.kid, &k.public))
+            .collect()
     }
 
     /// When the scheduled rotation is due.
@@ -264,10 +289,15 @@ impl KeyRing {
     /// Publishes a freshly generated key as next.
     pub fn add_next(&mut self, key: NewKey, now: UnixSeconds) -> Result<(), RingError> {
         if self.next().is_some() {
-            return Err(RingError::Inconsistent("a next key is already published".into()));
+            return Err(RingError::Inconsistent(
+                "a next key is already published".into(),
+            ));
         }
         if self.get(&key.kid).is_some() || self.revoked_kids.contains_key(&key.kid) {
-            return Err(RingError::Inconsistent(format!("kid {:?} is taken", key.kid)));
+            return Err(RingError::Inconsistent(format!(
+                "kid {:?} is taken",
+                key.kid
+            )));
         }
         self.version += 1;
         let record = self.record(key, now, KeyState::Next);
@@ -317,8 +347,11 @@ impl KeyRing {
         let before_deny = self.revoked_kids.len() + self.revoked_tokens.len();
         self.revoked_kids.retain(|_, forget_at| now < *forget_at);
         let leeway = self.policy.leeway;
-        self.revoked_tokens.retain(|_, until| now <= *until + leeway);
-        if self.keys.len() != before || self.revoked_kids.len() + self.revoked_tokens.len() != before_deny {
+        self.revoked_tokens
+            .retain(|_, until| now <= *until + leeway);
+        if self.keys.len() != before
+            || self.revoked_kids.len() + self.revoked_tokens.len() != before_deny
+        {
             out.changed = true;
         }
         if out.changed {
@@ -358,7 +391,10 @@ impl KeyRing {
         if self.revoked_kids.contains_key(kid) {
             return Err(RingError::AlreadyRevoked(kid.into()));
         }
-        let state = self.get(kid).ok_or_else(|| RingError::UnknownKid(kid.into()))?.state;
+        let state = self
+            .get(kid)
+            .ok_or_else(|| RingError::UnknownKid(kid.into()))?
+            .state;
         if state == KeyState::Active && self.next().is_none() {
             return Err(RingError::NoNextKey);
         }
@@ -369,18 +405,25 @@ impl KeyRing {
         }
         self.keys.retain(|k| k.kid != kid);
         // Its tokens live at most token_ttl from now; remember the kid that long (and leeway).
-        self.revoked_kids.insert(kid.to_owned(), now + self.policy.retention());
+        self.revoked_kids
+            .insert(kid.to_owned(), now + self.policy.retention());
         self.version += 1;
         Ok(destroyed)
     }
 
     /// Denies one token until `until` (clamped to the longest any token can live from now).
-    pub fn revoke_token(&mut self, jti: &str, until: UnixSeconds, now: UnixSeconds) -> Result<(), RingError> {
+    pub fn revoke_token(
+        &mut self,
+        jti: &str,
+        until: UnixSeconds,
+        now: UnixSeconds,
+    ) -> Result<(), RingError> {
         let until = until.min(now + self.policy.token_ttl);
         if until < now || self.revoked_tokens.get(jti).is_some_and(|u| *u >= until) {
             return Ok(());
         }
-        if self.revoked_tokens.len() >= MAX_REVOKED_TOKENS && !self.revoked_tokens.contains_key(jti) {
+        if self.revoked_tokens.len() >= MAX_REVOKED_TOKENS && !self.revoked_tokens.contains_key(jti)
+        {
             return Err(RingError::DenyListFull);
         }
         self.revoked_tokens.insert(jti.to_owned(), until);

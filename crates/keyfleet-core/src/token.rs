@@ -11,10 +11,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::UnixSeconds;
 use crate::jwk::KeySet;
 use crate::reason::Reason;
 use crate::strict_json::parse_object;
-use crate::UnixSeconds;
 
 /// Latest accepted time claim: 9999-12-31T23:59:59Z.
 const MAX_TIME: f64 = 253_402_300_799.0;
@@ -68,7 +68,11 @@ pub struct Refusal {
 }
 
 fn refuse(reason: Reason, detail: impl Into<String>) -> Refusal {
-    Refusal { reason, kid: None, detail: detail.into() }
+    Refusal {
+        reason,
+        kid: None,
+        detail: detail.into(),
+    }
 }
 
 /// Claims to mint. Custom claims may not use registered names.
@@ -129,14 +133,23 @@ pub fn validate(
 ) -> Result<Verified, Refusal> {
     // Size before anything else, so a huge token costs a length check.
     if token.len() > policy.max_token_bytes {
-        return Err(refuse(Reason::TooLarge, format!("token longer than {} bytes", policy.max_token_bytes)));
+        return Err(refuse(
+            Reason::TooLarge,
+            format!("token longer than {} bytes", policy.max_token_bytes),
+        ));
     }
     let mut parts = token.split('.');
-    let (Some(h64), Some(c64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(refuse(Reason::Malformed, "a JWT has exactly three dot-separated segments"));
+    let (Some(h64), Some(c64), Some(s64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(refuse(
+            Reason::Malformed,
+            "a JWT has exactly three dot-separated segments",
+        ));
     };
     let header = decode_segment(h64, "header")?;
-    let header = parse_object(&header).map_err(|e| refuse(Reason::Malformed, format!("header: {e}")))?;
+    let header =
+        parse_object(&header).map_err(|e| refuse(Reason::Malformed, format!("header: {e}")))?;
 
     let kid = check_header(&header)?;
     let with_kid = |mut r: Refusal| {
@@ -144,10 +157,17 @@ pub fn validate(
         r
     };
     if keys.is_key_revoked(kid) {
-        return Err(with_kid(refuse(Reason::KeyRevoked, "the signing key was revoked")));
+        return Err(with_kid(refuse(
+            Reason::KeyRevoked,
+            "the signing key was revoked",
+        )));
     }
     let Some(key) = keys.key(kid) else {
-        let why = if keys.is_ambiguous(kid) { "two different keys claim this kid" } else { "no such kid in the key set" };
+        let why = if keys.is_ambiguous(kid) {
+            "two different keys claim this kid"
+        } else {
+            "no such kid in the key set"
+        };
         return Err(with_kid(refuse(Reason::UnknownKid, why)));
     };
 
@@ -155,11 +175,15 @@ pub fn validate(
     let sig = decode_segment(s64, "signature").map_err(with_kid)?;
     let signing_input = &token.as_bytes()[..h64.len() + 1 + c64.len()];
     if !verify_signature(key, signing_input, &sig) {
-        return Err(with_kid(refuse(Reason::BadSignature, "signature does not verify")));
+        return Err(with_kid(refuse(
+            Reason::BadSignature,
+            "signature does not verify",
+        )));
     }
 
     let claims = decode_segment(c64, "claims").map_err(with_kid)?;
-    let claims = parse_object(&claims).map_err(|e| with_kid(refuse(Reason::Malformed, format!("claims: {e}"))))?;
+    let claims = parse_object(&claims)
+        .map_err(|e| with_kid(refuse(Reason::Malformed, format!("claims: {e}"))))?;
     check_claims(kid, claims, keys, now, policy, audience).map_err(with_kid)
 }
 
@@ -168,27 +192,37 @@ pub fn verify_signature(key: &VerifyingKey, message: &[u8], signature: &[u8]) ->
     let Ok(sig) = <[u8; 64]>::try_from(signature) else {
         return false;
     };
-    key.verify_strict(message, &Signature::from_bytes(&sig)).is_ok()
+    key.verify_strict(message, &Signature::from_bytes(&sig))
+        .is_ok()
 }
 
 fn decode_segment(segment: &str, what: &str) -> Result<Vec<u8>, Refusal> {
     // The base64 engine refuses padding, whitespace, other alphabets and non-zero trailing bits.
-    URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| refuse(Reason::Malformed, format!("{what} is not unpadded base64url")))
+    URL_SAFE_NO_PAD.decode(segment).map_err(|_| {
+        refuse(
+            Reason::Malformed,
+            format!("{what} is not unpadded base64url"),
+        )
+    })
 }
 
 fn check_header(header: &Map<String, Value>) -> Result<&str, Refusal> {
     match header.get("alg") {
         Some(Value::String(alg)) if alg == "EdDSA" || alg == "Ed25519" => {}
         Some(Value::String(alg)) => {
-            return Err(refuse(Reason::UnsupportedAlgorithm, format!("alg {alg:?} is not EdDSA")));
+            return Err(refuse(
+                Reason::UnsupportedAlgorithm,
+                format!("alg {alg:?} is not EdDSA"),
+            ));
         }
         _ => return Err(refuse(Reason::Malformed, "header has no string alg")),
     }
     for refused in ["crit", "b64", "zip", "enc"] {
         if header.contains_key(refused) {
-            return Err(refuse(Reason::Malformed, format!("header {refused:?} is not supported")));
+            return Err(refuse(
+                Reason::Malformed,
+                format!("header {refused:?} is not supported"),
+            ));
         }
     }
     match header.get("typ") {
@@ -196,8 +230,14 @@ fn check_header(header: &Map<String, Value>) -> Result<&str, Refusal> {
         Some(Value::String(t)) if t.eq_ignore_ascii_case("JWT") => {}
         Some(_) => return Err(refuse(Reason::Malformed, "typ must be JWT")),
     }
-    if header.get("cty").is_some_and(|c| c.as_str().is_some_and(|c| c.eq_ignore_ascii_case("JWT"))) {
-        return Err(refuse(Reason::Malformed, "nested JWTs (cty JWT) are not accepted"));
+    if header
+        .get("cty")
+        .is_some_and(|c| c.as_str().is_some_and(|c| c.eq_ignore_ascii_case("JWT")))
+    {
+        return Err(refuse(
+            Reason::Malformed,
+            "nested JWTs (cty JWT) are not accepted",
+        ));
     }
     // jwk, jku, x5u and x5c are never consulted: keys come only from the key set.
     match header.get("kid") {
@@ -235,7 +275,8 @@ fn check_claims(
 ) -> Result<Verified, Refusal> {
     let now_f = now as f64;
     let leeway = policy.leeway as f64;
-    let exp = time_claim(&claims, "exp")?.ok_or_else(|| refuse(Reason::Malformed, "exp is required"))?;
+    let exp =
+        time_claim(&claims, "exp")?.ok_or_else(|| refuse(Reason::Malformed, "exp is required"))?;
     let nbf = time_claim(&claims, "nbf")?;
     let iat = time_claim(&claims, "iat")?;
     let iss = string_claim(&claims, "iss")?;
@@ -246,9 +287,17 @@ fn check_claims(
         Some(Value::String(a)) => vec![a.as_str()],
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| refuse(Reason::Malformed, "aud holds a non-string")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| refuse(Reason::Malformed, "aud holds a non-string"))
+            })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(refuse(Reason::Malformed, "aud is neither a string nor an array")),
+        Some(_) => {
+            return Err(refuse(
+                Reason::Malformed,
+                "aud is neither a string nor an array",
+            ));
+        }
     };
 
     if now_f >= exp + leeway {
@@ -266,11 +315,17 @@ fn check_claims(
         return Err(refuse(Reason::Malformed, "lifetime exceeds --max-lifetime"));
     }
     if iss != policy.issuer {
-        return Err(refuse(Reason::WrongIssuer, "iss does not match the expected issuer"));
+        return Err(refuse(
+            Reason::WrongIssuer,
+            "iss does not match the expected issuer",
+        ));
     }
     for wanted in [policy.audience.as_deref(), audience].into_iter().flatten() {
         if !aud.contains(&wanted) {
-            return Err(refuse(Reason::WrongAudience, "aud does not name the expected audience"));
+            return Err(refuse(
+                Reason::WrongAudience,
+                "aud does not name the expected audience",
+            ));
         }
     }
     if !jti.is_empty() && keys.is_token_revoked(&jti, now) {

@@ -8,9 +8,10 @@ use keyfleet_core::jwk::thumbprint;
 use keyfleet_core::ring::TickOutcome;
 use keyfleet_core::token::verify_signature;
 use keyfleet_core::{
-    sign_token, validate, Jwk, KeyRing, KeySet, KeyState, NewKey, Policy, Reason, RingError, RingPolicy, TokenClaims,
+    Jwk, KeyRing, KeySet, KeyState, NewKey, Policy, Reason, RingError, RingPolicy, TokenClaims,
+    sign_token, validate,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 const NOW: i64 = 1_800_000_000;
 
@@ -58,14 +59,21 @@ fn b64(v: &Value) -> String {
 /// Signs arbitrary header/claims JSON text with key `seed`.
 fn raw(header: &str, claims: &str, seed: u8) -> String {
     let sk = key(seed).0;
-    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
     use ed25519_dalek::Signer;
     let sig = sk.sign(input.as_bytes());
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
 }
 
 fn check(token: &str, audience: Option<&str>, want: Reason) {
-    let policy = Policy { audience: None, ..Policy::new("https://issuer.test") };
+    let policy = Policy {
+        audience: None,
+        ..Policy::new("https://issuer.test")
+    };
     let got = match validate(token, &keyset(Some("revoked-kid")), NOW, &policy, audience) {
         Ok(_) => Reason::Ok,
         Err(r) => r.reason,
@@ -106,33 +114,169 @@ fn verdicts() {
         (good.replacen('.', "=.", 1), None, Reason::Malformed),
         (format!(" {good}"), None, Reason::Malformed),
         (flipped, None, Reason::BadSignature),
-        (raw(&hdr(&ka), &body(json!({})), 2), None, Reason::BadSignature),
+        (
+            raw(&hdr(&ka), &body(json!({})), 2),
+            None,
+            Reason::BadSignature,
+        ),
         (raw(&hdr(&kb), &body(json!({})), 2), None, Reason::Ok),
-        (raw(&hdr("nope"), &body(json!({})), 1), None, Reason::UnknownKid),
-        (raw(&hdr("revoked-kid"), &body(json!({})), 1), None, Reason::KeyRevoked),
-        (raw(&json!({"alg":"none","kid":ka}).to_string(), &body(json!({})), 1), None, Reason::UnsupportedAlgorithm),
-        (raw(&json!({"alg":"HS256","kid":ka}).to_string(), &body(json!({})), 1), None, Reason::UnsupportedAlgorithm),
-        (raw(&json!({"alg":"Ed25519","kid":ka}).to_string(), &body(json!({})), 1), None, Reason::Ok),
-        (raw(&json!({"alg":"EdDSA"}).to_string(), &body(json!({})), 1), None, Reason::Malformed),
-        (raw(&json!({"alg":"EdDSA","kid":ka,"crit":["exp"]}).to_string(), &body(json!({})), 1), None, Reason::Malformed),
-        (raw(&json!({"alg":"EdDSA","kid":ka,"typ":"JOSE+JSON"}).to_string(), &body(json!({})), 1), None, Reason::Malformed),
-        (raw(&format!(r#"{{"alg":"EdDSA","alg":"none","kid":"{ka}"}}"#), &body(json!({})), 1), None, Reason::Malformed),
-        (raw(&hdr(&ka), &format!(r#"{{"exp":{},"exp":1,"iss":"https://issuer.test"}}"#, NOW + 300), 1), None, Reason::Malformed),
-        (raw(&hdr(&ka), &body(json!({"exp":null})), 1), None, Reason::Malformed),
-        (raw(&hdr(&ka), &body(json!({"exp":"soon"})), 1), None, Reason::Malformed),
-        (raw(&hdr(&ka), &body(json!({"exp":1e300})), 1), None, Reason::Malformed),
-        (raw(&hdr(&ka), &body(json!({"exp":NOW-61})), 1), None, Reason::Expired),
-        (raw(&hdr(&ka), &body(json!({"exp":NOW-30})), 1), None, Reason::Ok),
-        (raw(&hdr(&ka), &body(json!({"nbf":NOW+120})), 1), None, Reason::NotYetValid),
-        (raw(&hdr(&ka), &body(json!({"iat":NOW+120})), 1), None, Reason::NotYetValid),
-        (raw(&hdr(&ka), &body(json!({"iss":"https://evil.test"})), 1), None, Reason::WrongIssuer),
-        (raw(&hdr(&ka), &body(json!({"iss":null})), 1), None, Reason::WrongIssuer),
-        (raw(&hdr(&ka), &body(json!({"aud":["a","orders"]})), 1), Some("orders"), Reason::Ok),
-        (raw(&hdr(&ka), &body(json!({"aud":[1]})), 1), None, Reason::Malformed),
-        (raw(&hdr(&ka), &body(json!({"aud":null})), 1), Some("orders"), Reason::WrongAudience),
-        (raw(&hdr(&ka), &body(json!({"jti":"revoked-jti"})), 1), None, Reason::TokenRevoked),
+        (
+            raw(&hdr("nope"), &body(json!({})), 1),
+            None,
+            Reason::UnknownKid,
+        ),
+        (
+            raw(&hdr("revoked-kid"), &body(json!({})), 1),
+            None,
+            Reason::KeyRevoked,
+        ),
+        (
+            raw(
+                &json!({"alg":"none","kid":ka}).to_string(),
+                &body(json!({})),
+                1,
+            ),
+            None,
+            Reason::UnsupportedAlgorithm,
+        ),
+        (
+            raw(
+                &json!({"alg":"HS256","kid":ka}).to_string(),
+                &body(json!({})),
+                1,
+            ),
+            None,
+            Reason::UnsupportedAlgorithm,
+        ),
+        (
+            raw(
+                &json!({"alg":"Ed25519","kid":ka}).to_string(),
+                &body(json!({})),
+                1,
+            ),
+            None,
+            Reason::Ok,
+        ),
+        (
+            raw(&json!({"alg":"EdDSA"}).to_string(), &body(json!({})), 1),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(
+                &json!({"alg":"EdDSA","kid":ka,"crit":["exp"]}).to_string(),
+                &body(json!({})),
+                1,
+            ),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(
+                &json!({"alg":"EdDSA","kid":ka,"typ":"JOSE+JSON"}).to_string(),
+                &body(json!({})),
+                1,
+            ),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(
+                &format!(r#"{{"alg":"EdDSA","alg":"none","kid":"{ka}"}}"#),
+                &body(json!({})),
+                1,
+            ),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(
+                &hdr(&ka),
+                &format!(
+                    r#"{{"exp":{},"exp":1,"iss":"https://issuer.test"}}"#,
+                    NOW + 300
+                ),
+                1,
+            ),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"exp":null})), 1),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"exp":"soon"})), 1),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"exp":1e300})), 1),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"exp":NOW-61})), 1),
+            None,
+            Reason::Expired,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"exp":NOW-30})), 1),
+            None,
+            Reason::Ok,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"nbf":NOW+120})), 1),
+            None,
+            Reason::NotYetValid,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"iat":NOW+120})), 1),
+            None,
+            Reason::NotYetValid,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"iss":"https://evil.test"})), 1),
+            None,
+            Reason::WrongIssuer,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"iss":null})), 1),
+            None,
+            Reason::WrongIssuer,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"aud":["a","orders"]})), 1),
+            Some("orders"),
+            Reason::Ok,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"aud":[1]})), 1),
+            None,
+            Reason::Malformed,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"aud":null})), 1),
+            Some("orders"),
+            Reason::WrongAudience,
+        ),
+        (
+            raw(&hdr(&ka), &body(json!({"jti":"revoked-jti"})), 1),
+            None,
+            Reason::TokenRevoked,
+        ),
         (raw(&hdr(&ka), "[1,2]", 1), None, Reason::Malformed),
-        (format!("{}.{}.{}", b64(&json!({"alg":"EdDSA","kid":ka})), "e30", "AAAA"), None, Reason::BadSignature),
+        (
+            format!(
+                "{}.{}.{}",
+                b64(&json!({"alg":"EdDSA","kid":ka})),
+                "e30",
+                "AAAA"
+            ),
+            None,
+            Reason::BadSignature,
+        ),
     ];
     for (token, aud, want) in cases {
         check(&token, aud, want);
@@ -143,16 +287,30 @@ fn verdicts() {
 fn node_audience_is_enforced() {
     let (a, ka) = key(1);
     let token = sign_token(&a, &ka, &claims());
-    let policy = Policy { audience: Some("billing".into()), ..Policy::new("https://issuer.test") };
+    let policy = Policy {
+        audience: Some("billing".into()),
+        ..Policy::new("https://issuer.test")
+    };
     let got = validate(&token, &keyset(None), NOW, &policy, None).unwrap_err();
     assert_eq!(got.reason, Reason::WrongAudience);
-    let ok = validate(&token, &keyset(None), NOW, &Policy::new("https://issuer.test"), None).unwrap();
-    assert_eq!((ok.subject.as_str(), ok.kid.as_str(), ok.expires_at), ("alice", ka.as_str(), NOW + 300));
+    let ok = validate(
+        &token,
+        &keyset(None),
+        NOW,
+        &Policy::new("https://issuer.test"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        (ok.subject.as_str(), ok.kid.as_str(), ok.expires_at),
+        ("alice", ka.as_str(), NOW + 300)
+    );
 }
 
 #[test]
 fn wycheproof_vectors_through_the_signature_path() {
-    let data: Value = serde_json::from_str(include_str!("data/wycheproof_ed25519_test.json")).unwrap();
+    let data: Value =
+        serde_json::from_str(include_str!("data/wycheproof_ed25519_test.json")).unwrap();
     let mut checked = 0;
     for group in data["testGroups"].as_array().unwrap() {
         let pk = hex::decode(group["publicKey"]["pk"].as_str().unwrap()).unwrap();
@@ -163,7 +321,9 @@ fn wycheproof_vectors_through_the_signature_path() {
         for t in group["tests"].as_array().unwrap() {
             let msg = hex::decode(t["msg"].as_str().unwrap()).unwrap();
             let sig = hex::decode(t["sig"].as_str().unwrap()).unwrap();
-            let got = key.as_ref().is_some_and(|k| verify_signature(k, &msg, &sig));
+            let got = key
+                .as_ref()
+                .is_some_and(|k| verify_signature(k, &msg, &sig));
             let want = t["result"] == "valid";
             assert_eq!(got, want, "tcId {} ({})", t["tcId"], t["comment"]);
             checked += 1;
@@ -176,11 +336,19 @@ fn wycheproof_vectors_through_the_signature_path() {
 
 fn new_key(seed: u8) -> NewKey {
     let (sk, kid) = key(seed);
-    NewKey { kid, public: sk.verifying_key().to_bytes() }
+    NewKey {
+        kid,
+        public: sk.verifying_key().to_bytes(),
+    }
 }
 
 fn policy() -> RingPolicy {
-    RingPolicy { token_ttl: 300, leeway: 60, rotation_period: 3600, publish_ahead: 600 }
+    RingPolicy {
+        token_ttl: 300,
+        leeway: 60,
+        rotation_period: 3600,
+        publish_ahead: 600,
+    }
 }
 
 fn states(ring: &KeyRing) -> Vec<(String, KeyState)> {
@@ -191,7 +359,10 @@ fn states(ring: &KeyRing) -> Vec<(String, KeyState)> {
 fn bootstrap_publishes_next_before_it_signs() {
     let ring = KeyRing::bootstrap(policy(), NOW, new_key(1), new_key(2));
     ring.check().unwrap();
-    assert_eq!(states(&ring), vec![(key(1).1, KeyState::Active), (key(2).1, KeyState::Next)]);
+    assert_eq!(
+        states(&ring),
+        vec![(key(1).1, KeyState::Active), (key(2).1, KeyState::Next)]
+    );
     let jwks: Vec<String> = ring.jwks().into_iter().map(|j| j.kid).collect();
     assert_eq!(jwks, vec![key(1).1, key(2).1]);
     assert_eq!(ring.next_rotation_at(), NOW + 3600);
@@ -268,9 +439,18 @@ fn revocation_of_the_active_key_promotes_next_at_once() {
     assert!(!ring.jwks().iter().any(|j| j.kid == key(1).1));
     ring.check().unwrap();
     // No next key now: revoking the active one again needs one published first.
-    assert_eq!(ring.revoke_key(&key(2).1, NOW + 6), Err(RingError::NoNextKey));
-    assert_eq!(ring.revoke_key(&key(1).1, NOW + 6), Err(RingError::AlreadyRevoked(key(1).1)));
-    assert_eq!(ring.revoke_key("nope", NOW + 6), Err(RingError::UnknownKid("nope".into())));
+    assert_eq!(
+        ring.revoke_key(&key(2).1, NOW + 6),
+        Err(RingError::NoNextKey)
+    );
+    assert_eq!(
+        ring.revoke_key(&key(1).1, NOW + 6),
+        Err(RingError::AlreadyRevoked(key(1).1))
+    );
+    assert_eq!(
+        ring.revoke_key("nope", NOW + 6),
+        Err(RingError::UnknownKid("nope".into()))
+    );
     // The revoked kid is forgotten once every token it signed has expired.
     ring.add_next(new_key(3), NOW + 6).unwrap();
     ring.tick(NOW + 5 + 360, None);
@@ -282,7 +462,11 @@ fn token_deny_list_is_bounded_by_expiry() {
     let mut ring = KeyRing::bootstrap(policy(), NOW, new_key(1), new_key(2));
     ring.revoke_token("a", NOW + 100, NOW).unwrap();
     ring.revoke_token("b", NOW + 10_000, NOW).unwrap();
-    assert_eq!(ring.revoked_tokens.get("b"), Some(&(NOW + 300)), "clamped to the longest token life");
+    assert_eq!(
+        ring.revoked_tokens.get("b"),
+        Some(&(NOW + 300)),
+        "clamped to the longest token life"
+    );
     ring.revoke_token("old", NOW - 1, NOW).unwrap();
     assert!(!ring.revoked_tokens.contains_key("old"));
     ring.tick(NOW + 100 + 60, None);
@@ -295,11 +479,26 @@ fn token_deny_list_is_bounded_by_expiry() {
 fn policy_guard_refuses_unsafe_timings() {
     assert!(policy().check().is_ok());
     let bad = [
-        RingPolicy { token_ttl: 0, ..policy() },
-        RingPolicy { publish_ahead: 3600, ..policy() },
-        RingPolicy { rotation_period: 1, ..policy() },
-        RingPolicy { token_ttl: 3600 * 17, ..policy() },
-        RingPolicy { leeway: -1, ..policy() },
+        RingPolicy {
+            token_ttl: 0,
+            ..policy()
+        },
+        RingPolicy {
+            publish_ahead: 3600,
+            ..policy()
+        },
+        RingPolicy {
+            rotation_period: 1,
+            ..policy()
+        },
+        RingPolicy {
+            token_ttl: 3600 * 17,
+            ..policy()
+        },
+        RingPolicy {
+            leeway: -1,
+            ..policy()
+        },
     ];
     for p in bad {
         assert!(p.check().is_err(), "{p:?}");

@@ -21,7 +21,9 @@ impl Clock {
 
     /// A clock that stands at `start` until moved with [`Clock::advance`] or [`Clock::set`].
     pub fn manual(start: UnixSeconds) -> Clock {
-        Clock { manual: Some(Arc::new(AtomicI64::new(start))) }
+        Clock {
+            manual: Some(Arc::new(AtomicI64::new(start))),
+        }
     }
 
     pub fn now(&self) -> UnixSeconds {
@@ -48,10 +50,14 @@ impl Clock {
 
 /// Unix seconds now, from the system clock.
 pub fn system_now() -> UnixSeconds {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Milliseconds since the Unix epoch, for log lines and reports.
 pub fn system_now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -21,10 +21,17 @@ pub fn grpc_server() -> tonic::transport::Server {
 
 /// The gRPC health service (with `service` and the empty overall name set to SERVING) and
 /// server reflection over keyfleet's and health's descriptors, added to `routes`.
-pub async fn with_health_and_reflection(routes: Routes, service: &str) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter)> {
+pub async fn with_health_and_reflection(
+    routes: Routes,
+    service: &str,
+) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    reporter.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(service, tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keyfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -33,11 +40,21 @@ pub async fn with_health_and_reflection(routes: Routes, service: &str) -> anyhow
         .register_encoded_file_descriptor_set(keyfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    Ok((routes.add_service(health).add_service(reflection).add_service(reflection_alpha), reporter))
+    Ok((
+        routes
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(reflection_alpha),
+        reporter,
+    ))
 }
 
 /// Serves `routes` over gRPC on `listener` until `shutdown` is cancelled, then drains.
-pub async fn serve_grpc(listener: TcpListener, routes: Routes, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve_grpc(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     grpc_server()
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
@@ -46,8 +63,14 @@ pub async fn serve_grpc(listener: TcpListener, routes: Routes, shutdown: Cancell
 }
 
 /// Serves an axum router over HTTP/1.1 on `listener` until `shutdown` is cancelled.
-pub async fn serve_http(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+pub async fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }
 

@@ -1,1 +1,31 @@
-//! keyfleet-verifier
+//! keyfleet's stateless verifier node: caches the authority's public keys by `kid` (push stream,
+//! periodic pull, coalesced unknown-kid refresh, on-disk cache) and answers `Verify` from them
+//! without ever calling the authority for a known kid.
+
+mod config;
+mod gate;
+mod metrics;
+mod node;
+mod store;
+mod upstream;
+
+pub use config::{Config, ConfigError, Source};
+pub use keyfleet_runtime::CancellationToken;
+pub use node::Verifier;
+pub use store::CACHE_FILE;
+
+use tokio::net::TcpListener;
+
+/// Runs a verifier node on already-bound listeners until `shutdown` is cancelled. A bad
+/// `config` is an immediate error.
+pub async fn run(
+    grpc: TcpListener,
+    http: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    Verifier::open(config)
+        .await?
+        .serve(grpc, http, shutdown)
+        .await
+}

@@ -1,0 +1,143 @@
+//! The node's Prometheus metrics. Every label is drawn from a fixed set (never a kid or subject).
+
+use std::sync::atomic::AtomicI64;
+
+use keyfleet_core::{Reason, RejectedKey};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// Where a key set came from, for `keyfleet_jwks_fetch_total{source}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Push,
+    Pull,
+    UnknownKid,
+    Http,
+    Cache,
+}
+
+impl Origin {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Origin::Push => "push",
+            Origin::Pull => "pull",
+            Origin::UnknownKid => "unknown_kid",
+            Origin::Http => "http",
+            Origin::Cache => "cache",
+        }
+    }
+}
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    verify: Family<Labels1, Counter>,
+    pub(crate) verify_duration: Histogram,
+    pub(crate) jwks_version: Gauge,
+    pub(crate) jwks_age: Gauge,
+    fetch: Family<Labels2, Counter>,
+    pub(crate) unknown_kid: Counter,
+    rejected: Family<Labels1, Counter>,
+    pub(crate) inflight: Gauge<i64, AtomicI64>,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let verify = Family::<Labels1, Counter>::default();
+        // One series per reason from the start, so rates exist before the first refusal.
+        for reason in Reason::ALL {
+            let _ = verify.get_or_create(&[("reason", reason.as_str())]);
+        }
+        registry.register(
+            "keyfleet_verify",
+            "Verify answers by reason",
+            verify.clone(),
+        );
+        let verify_duration = Histogram::new(exponential_buckets(0.000_025, 2.0, 16));
+        registry.register(
+            "keyfleet_verify_duration_seconds",
+            "Time to answer one Verify, including any unknown-kid refresh",
+            verify_duration.clone(),
+        );
+        let jwks_version = Gauge::default();
+        registry.register(
+            "keyfleet_jwks_version",
+            "Version of the key set held (0 for a JWKS URL)",
+            jwks_version.clone(),
+        );
+        let jwks_age = Gauge::default();
+        registry.register(
+            "keyfleet_jwks_age_seconds",
+            "Seconds since the key set was last fetched or pushed (-1 before any)",
+            jwks_age.clone(),
+        );
+        let fetch = Family::<Labels2, Counter>::default();
+        registry.register(
+            "keyfleet_jwks_fetch",
+            "Key set fetches by source and outcome",
+            fetch.clone(),
+        );
+        let unknown_kid = Counter::default();
+        registry.register(
+            "keyfleet_unknown_kid",
+            "Tokens whose kid was not in the key set",
+            unknown_kid.clone(),
+        );
+        let rejected = Family::<Labels1, Counter>::default();
+        registry.register(
+            "keyfleet_keys_rejected",
+            "Published keys left out by screening, by why",
+            rejected.clone(),
+        );
+        let inflight = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "keyfleet_inflight_requests",
+            "Verify calls in progress",
+            inflight.clone(),
+        );
+        jwks_age.set(-1);
+        Metrics {
+            registry,
+            verify,
+            verify_duration,
+            jwks_version,
+            jwks_age,
+            fetch,
+            unknown_kid,
+            rejected,
+            inflight,
+        }
+    }
+
+    pub(crate) fn verified(&self, reason: Reason) {
+        self.verify
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
+    }
+
+    pub(crate) fn fetched(&self, origin: Origin, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.fetch
+            .get_or_create(&[("source", origin.as_str()), ("outcome", outcome)])
+            .inc();
+    }
+
+    pub(crate) fn rejected(&self, why: RejectedKey) {
+        self.rejected.get_or_create(&[("why", why.as_str())]).inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

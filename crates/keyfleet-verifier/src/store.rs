@@ -1,0 +1,312 @@
+//! The key set the node holds: swapped atomically so `Verify` never waits on a refresh, and
+//! written to `<cache_dir>/jwks-cache.json` so a restarted node serves at once.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use keyfleet_core::{Jwk, KeySet, Policy, UnixSeconds};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Source};
+use crate::metrics::{Metrics, Origin};
+use crate::upstream::Fetched;
+
+/// The cache file's name inside `cache_dir`.
+pub const CACHE_FILE: &str = "jwks-cache.json";
+const CACHE_FORMAT: u32 = 1;
+
+/// One immutable key set with the policy tokens are checked under.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) keys: KeySet,
+    /// `None` while no issuer is known (no `--issuer`, and the source named none).
+    pub(crate) policy: Option<Policy>,
+}
+
+/// What happened to a fetched key set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// A new set is in use.
+    Replaced,
+    /// The same version again: only its freshness was renewed.
+    Renewed,
+    /// Older than the held set while the push stream is live: left alone.
+    Ignored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error("the jwks holds no usable key")]
+    NoUsableKeys,
+}
+
+pub(crate) struct Store {
+    current: ArcSwapOption<Held>,
+    /// Unix seconds of the last successful fetch or push of the held set.
+    fetched_at: AtomicI64,
+    /// Serialises appliers (push, pull, unknown-kid refresh); never held across I/O.
+    apply_lock: Mutex<()>,
+    /// Serialises cache writes (on blocking threads).
+    write_lock: Mutex<()>,
+    /// True while the push stream delivers snapshots: a pull then never rolls the version back.
+    pub(crate) watching: AtomicBool,
+    ready: tokio::sync::watch::Sender<bool>,
+    config: Config,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    pub(crate) fn new(config: Config, metrics: Arc<Metrics>) -> Store {
+        Store {
+            current: ArcSwapOption::empty(),
+            fetched_at: AtomicI64::new(0),
+            apply_lock: Mutex::new(()),
+            write_lock: Mutex::new(()),
+            watching: AtomicBool::new(false),
+            ready: tokio::sync::watch::Sender::new(false),
+            config,
+            metrics,
+        }
+    }
+
+    pub(crate) fn current(&self) -> Option<Arc<Held>> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.current.load().as_ref().map_or(0, |h| h.keys.version)
+    }
+
+    /// Seconds since the held set was fetched, or `None` before any.
+    pub(crate) fn age(&self) -> Option<i64> {
+        self.current.load().as_ref()?;
+        Some(self.config.clock.now() - self.fetched_at.load(Ordering::Acquire))
+    }
+
+    /// True when the held set is older than `max_stale` (fail closed).
+    pub(crate) fn is_stale(&self) -> bool {
+        self.age()
+            .is_some_and(|age| age > self.config.max_stale.as_secs() as i64)
+    }
+
+    /// Resolves to true once any key set is held.
+    pub(crate) fn ready(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Screens and installs `fetched` from `origin`.
+    pub(crate) fn apply(&self, fetched: Fetched, origin: Origin) -> Result<Applied, ApplyError> {
+        let now = self.config.clock.now();
+        self.install(fetched, origin, now)
+    }
+
+    fn install(
+        &self,
+        fetched: Fetched,
+        origin: Origin,
+        fetched_at: UnixSeconds,
+    ) -> Result<Applied, ApplyError> {
+        let http = matches!(self.config.source, Source::JwksUrl { .. });
+        let _guard = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = self.current.load().as_ref() {
+            let held_version = held.keys.version;
+            if !http && fetched.version == held_version {
+                self.fetched_at.fetch_max(fetched_at, Ordering::AcqRel);
+                return Ok(Applied::Renewed);
+            }
+            if fetched.version < held_version {
+                if origin != Origin::Push && self.watching.load(Ordering::Acquire) {
+                    tracing::debug!(
+                        fetched = fetched.version,
+                        held = held_version,
+                        "ignoring an older pulled snapshot"
+                    );
+                    return Ok(Applied::Ignored);
+                }
+                tracing::warn!(
+                    fetched = fetched.version,
+                    held = held_version,
+                    source = origin.as_str(),
+                    "the authority's jwks version went backwards; applying it (the authority is the source of truth)"
+                );
+            }
+        }
+        let (keys, rejected) = KeySet::build(
+            fetched.version,
+            fetched.issuer,
+            &fetched.keys,
+            fetched.revoked_kids,
+            fetched.revoked_tokens,
+        );
+        for (kid, why) in &rejected {
+            self.metrics.rejected(*why);
+            tracing::warn!(kid = %kid, why = why.as_str(), source = origin.as_str(), "published key left out by screening");
+        }
+        if http && keys.is_empty() {
+            return Err(ApplyError::NoUsableKeys);
+        }
+        let issuer = self.config.issuer.clone().or_else(|| keys.issuer.clone());
+        if let (Some(configured), Some(announced)) = (&self.config.issuer, &keys.issuer)
+            && configured != announced
+        {
+            tracing::warn!(%configured, %announced, "--issuer differs from the issuer the authority announces");
+        }
+        let policy = issuer.map(|issuer| Policy {
+            issuer,
+            audience: self.config.audience.clone(),
+            leeway: self.config.leeway.as_secs() as i64,
+            max_token_bytes: self.config.max_token_bytes,
+            max_lifetime: None,
+        });
+        let version = keys.version;
+        tracing::info!(
+            version,
+            keys = keys.len(),
+            source = origin.as_str(),
+            "key set applied"
+        );
+        self.current.store(Some(Arc::new(Held { keys, policy })));
+        self.fetched_at.store(fetched_at, Ordering::Release);
+        self.metrics.jwks_version.set(version as i64);
+        self.ready.send_replace(true);
+        Ok(Applied::Replaced)
+    }
+
+    fn cache_path(&self) -> Option<PathBuf> {
+        self.config.cache_dir.as_ref().map(|d| d.join(CACHE_FILE))
+    }
+
+    /// Writes the held set to the cache file, if one is configured. Blocking: run it on a
+    /// blocking thread. Errors are logged, never fatal.
+    pub(crate) fn write_cache(&self) {
+        let Some(path) = self.cache_path() else {
+            return;
+        };
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Read the state under the write lock so a slow older write never lands last.
+        let Some(held) = self.current() else { return };
+        let record = CacheRecord {
+            format: CACHE_FORMAT,
+            source: self.config.source.url().to_owned(),
+            issuer: held.keys.issuer.clone(),
+            version: held.keys.version,
+            fetched_at: self.fetched_at.load(Ordering::Acquire),
+            keys: held
+                .keys
+                .kids()
+                .filter_map(|kid| held.keys.key(kid).map(|k| Jwk::ed25519(kid, &k.to_bytes())))
+                .collect(),
+            revoked_kids: held.keys.revoked_kids().map(str::to_owned).collect(),
+            revoked_tokens: held
+                .keys
+                .revoked_tokens()
+                .map(|(jti, until)| CachedRevokedToken {
+                    jti: jti.to_owned(),
+                    until,
+                })
+                .collect(),
+        };
+        if let Err(e) = write_atomically(&path, &record) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the key set cache");
+        }
+    }
+
+    /// Installs the cached set if there is one for this source that is younger than
+    /// `max_stale`. A missing, corrupt or foreign file is logged and ignored.
+    pub(crate) fn load_cache(&self) {
+        let Some(path) = self.cache_path() else {
+            return;
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                self.metrics.fetched(Origin::Cache, false);
+                tracing::warn!(path = %path.display(), error = %e, "could not read the key set cache; ignoring it");
+                return;
+            }
+        };
+        let record: CacheRecord = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.fetched(Origin::Cache, false);
+                tracing::warn!(path = %path.display(), error = %e, "the key set cache is corrupt; ignoring it");
+                return;
+            }
+        };
+        if record.format != CACHE_FORMAT || record.source != self.config.source.url() {
+            tracing::info!(path = %path.display(), "the key set cache is from another source or format; ignoring it");
+            return;
+        }
+        let age = self.config.clock.now() - record.fetched_at;
+        if age > self.config.max_stale.as_secs() as i64 {
+            tracing::info!(
+                age_seconds = age,
+                "the key set cache is older than --max-stale; ignoring it"
+            );
+            return;
+        }
+        let fetched = Fetched {
+            version: record.version,
+            issuer: record.issuer,
+            keys: record.keys,
+            revoked_kids: record.revoked_kids,
+            revoked_tokens: record
+                .revoked_tokens
+                .into_iter()
+                .map(|t| (t.jti, t.until))
+                .collect(),
+        };
+        match self.install(fetched, Origin::Cache, record.fetched_at) {
+            Ok(_) => {
+                self.metrics.fetched(Origin::Cache, true);
+                tracing::info!(
+                    version = record.version,
+                    age_seconds = age,
+                    "serving the cached key set until the source answers"
+                );
+            }
+            Err(e) => {
+                self.metrics.fetched(Origin::Cache, false);
+                tracing::warn!(error = %e, "the key set cache holds no usable key; ignoring it");
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheRecord {
+    format: u32,
+    /// The source url the set came from; a cache from another source is ignored.
+    source: String,
+    issuer: Option<String>,
+    version: u64,
+    fetched_at: UnixSeconds,
+    keys: Vec<Jwk>,
+    revoked_kids: Vec<String>,
+    revoked_tokens: Vec<CachedRevokedToken>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedRevokedToken {
+    jti: String,
+    until: UnixSeconds,
+}
+
+/// tmp file + fsync + rename + fsync of the directory: a crash leaves the old or the new file.
+fn write_atomically(path: &Path, record: &CacheRecord) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! Fetching key sets from the source: `GetJwks` over one shared gRPC channel, or a JWKS
+//! document over one shared HTTP client.
+
+use std::time::Duration;
+
+use keyfleet_core::{Jwk, UnixSeconds};
+use keyfleet_proto::v1::authority_client::AuthorityClient;
+use keyfleet_proto::v1::{GetJwksRequest, JwksSnapshot};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::Source;
+
+/// How long one fetch may take.
+pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest JWKS document accepted over HTTP.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// A key set as the source published it, before screening.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Fetched {
+    pub(crate) version: u64,
+    pub(crate) issuer: Option<String>,
+    pub(crate) keys: Vec<Jwk>,
+    pub(crate) revoked_kids: Vec<String>,
+    pub(crate) revoked_tokens: Vec<(String, UnixSeconds)>,
+}
+
+impl From<JwksSnapshot> for Fetched {
+    fn from(s: JwksSnapshot) -> Fetched {
+        Fetched {
+            version: s.version,
+            issuer: Some(s.issuer).filter(|i| !i.is_empty()),
+            keys: s
+                .keys
+                .into_iter()
+                .map(|k| Jwk {
+                    kty: k.kty,
+                    crv: k.crv,
+                    x: k.x,
+                    kid: k.kid,
+                    use_: k.r#use,
+                    alg: k.alg,
+                    ..Jwk::default()
+                })
+                .collect(),
+            revoked_kids: s.revoked_kids,
+            revoked_tokens: s
+                .revoked_tokens
+                .into_iter()
+                .map(|t| (t.jti, t.until))
+                .collect(),
+        }
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    #[error("authority call failed: {0}")]
+    Grpc(#[from] tonic::Status),
+    #[error("http request failed")]
+    Http(#[from] reqwest::Error),
+    #[error("http status {0}")]
+    HttpStatus(u16),
+    #[error("jwks document larger than {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+    #[error("jwks document is not valid json with a keys array")]
+    Parse(#[source] serde_json::Error),
+    #[error("timed out after {FETCH_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// The one client to the source, shared by every refresh.
+#[derive(Debug, Clone)]
+pub(crate) enum Upstream {
+    Authority(AuthorityClient<Channel>),
+    Http {
+        client: reqwest::Client,
+        url: reqwest::Url,
+    },
+}
+
+impl Upstream {
+    /// Builds the client without connecting (the channel connects on first use and reconnects
+    /// by itself). Needs a Tokio runtime.
+    pub(crate) fn new(source: &Source) -> anyhow::Result<Upstream> {
+        Ok(match source {
+            Source::Authority { url } => {
+                let channel = Endpoint::from_shared(url.clone())
+                    .map_err(|e| anyhow::anyhow!("bad authority url {url:?}: {e}"))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                Upstream::Authority(AuthorityClient::new(channel))
+            }
+            Source::JwksUrl { url } => {
+                let url = reqwest::Url::parse(url)
+                    .map_err(|e| anyhow::anyhow!("bad jwks url {url:?}: {e}"))?;
+                let client = reqwest::Client::builder()
+                    .timeout(FETCH_TIMEOUT)
+                    .connect_timeout(Duration::from_secs(2))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .user_agent(concat!("keyfleet-verifier/", env!("CARGO_PKG_VERSION")))
+                    .build()?;
+                Upstream::Http { client, url }
+            }
+        })
+    }
+
+    /// One pull of the whole key set.
+    pub(crate) async fn fetch(&self) -> Result<Fetched, FetchError> {
+        match self {
+            Upstream::Authority(client) => {
+                let mut client = client.clone();
+                let snapshot =
+                    tokio::time::timeout(FETCH_TIMEOUT, client.get_jwks(GetJwksRequest {}))
+                        .await
+                        .map_err(|_| FetchError::Timeout)??;
+                Ok(snapshot.into_inner().into())
+            }
+            Upstream::Http { client, url } => fetch_http(client, url).await,
+        }
+    }
+}
+
+async fn fetch_http(client: &reqwest::Client, url: &reqwest::Url) -> Result<Fetched, FetchError> {
+    let mut response = client
+        .get(url.clone())
+        .header("accept", "application/json")
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        return Err(FetchError::HttpStatus(response.status().as_u16()));
+    }
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+    {
+        return Err(FetchError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    parse_jwks(&body)
+}
+
+/// Parses `{"keys":[...]}`, skipping entries that are not JWK objects at all (screening judges
+/// the rest).
+pub(crate) fn parse_jwks(body: &[u8]) -> Result<Fetched, FetchError> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<serde_json::Value>,
+    }
+    let doc: Document = serde_json::from_slice(body).map_err(FetchError::Parse)?;
+    let total = doc.keys.len();
+    let keys: Vec<Jwk> = doc
+        .keys
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    if keys.len() < total {
+        tracing::warn!(
+            skipped = total - keys.len(),
+            "jwks entries that are not JWK objects were skipped"
+        );
+    }
+    Ok(Fetched {
+        keys,
+        ..Fetched::default()
+    })
+}

@@ -1,0 +1,407 @@
+//! The command line: every command and flag of DESIGN.md, each flag also read from
+//! `KEYFLEET_<FLAG>`; validated into the servers' typed configs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use keyfleet_runtime::telemetry::{self, LogFormat};
+use keyfleet_runtime::{CancellationToken, Clock, parse_duration};
+use tokio::net::TcpListener;
+
+use crate::{client, demo};
+
+/// An error that carries the process exit code to use.
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+impl std::error::Error for Exit {}
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit code for an unreachable server (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Wraps an error so `main` exits with `code`.
+pub fn exit_with(code: u8, err: anyhow::Error) -> anyhow::Error {
+    err.context(Exit(code))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyfleet",
+    version,
+    about = "A token-verification cluster: one Ed25519 signing authority, many stateless verifiers",
+    long_about = "keyfleet mints short-lived EdDSA JWTs at one signing authority and verifies them on any number \
+of stateless verifier nodes that cache the authority's public keys (JWKS). Keys rotate without downtime.\n\n\
+Start with `keyfleet demo`: it runs a whole cluster on loopback and shows it working.",
+    after_help = "Every flag can also be set with an environment variable KEYFLEET_<FLAG> (for example \
+--grpc-listen is KEYFLEET_GRPC_LISTEN). Durations read like 90s, 15m, 24h."
+)]
+pub struct Cli {
+    /// Log format on stderr: text or json (filter with RUST_LOG, e.g. RUST_LOG=keyfleet=debug).
+    #[arg(
+        long,
+        global = true,
+        env = "KEYFLEET_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole cluster on loopback (an authority and 3 verifiers), mint tokens, verify every
+    /// token on every node across a key rotation and a node restart, and print a summary.
+    Demo(DemoArgs),
+    /// Run the signing authority: owns the keys, mints tokens, publishes the JWKS.
+    Authority(AuthorityArgs),
+    /// Run a stateless verifier node that answers Verify from cached public keys.
+    Verifier(VerifierArgs),
+    /// Mint, check and revoke tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Inspect and operate the key ring.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Ask a server's gRPC health service; exit 0 when SERVING (for container health checks).
+    Health {
+        /// gRPC URL of the server.
+        #[arg(long, env = "KEYFLEET_GRPC", default_value = "http://127.0.0.1:7100")]
+        grpc: String,
+        /// Service name to ask about (empty: the server as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many verifier nodes to start.
+    #[arg(long, env = "KEYFLEET_VERIFIERS_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub verifiers: u16,
+    /// How many tokens to mint before and after the rotation.
+    #[arg(long, env = "KEYFLEET_TOKENS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub tokens: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AuthorityArgs {
+    /// Address for the gRPC API (Authority, health, reflection).
+    #[arg(long, env = "KEYFLEET_GRPC_LISTEN", default_value = "127.0.0.1:7000")]
+    pub grpc_listen: SocketAddr,
+    /// Address for HTTP (/.well-known/jwks.json, /.well-known/openid-configuration, /metrics).
+    #[arg(long, env = "KEYFLEET_HTTP_LISTEN", default_value = "127.0.0.1:7001")]
+    pub http_listen: SocketAddr,
+    /// Directory holding the key ring (created if missing; keep it on durable storage).
+    #[arg(long, env = "KEYFLEET_DATA_DIR", default_value = "keyfleet-data")]
+    pub data_dir: PathBuf,
+    /// The `iss` written into every token (verifiers fed by this authority learn it).
+    #[arg(long, env = "KEYFLEET_ISSUER", default_value = "keyfleet")]
+    pub issuer: String,
+    /// File with the admin bearer token; created (mode 0600) with a random token if missing.
+    /// [default: <data-dir>/admin.token]
+    #[arg(long, env = "KEYFLEET_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Longest lifetime of a minted token (also the default).
+    #[arg(long, env = "KEYFLEET_TOKEN_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+    /// How long a key signs before the scheduled rotation.
+    #[arg(long, env = "KEYFLEET_ROTATION_PERIOD", default_value = "24h", value_parser = parse_duration)]
+    pub rotation_period: Duration,
+    /// Longest wait for every watching verifier to acknowledge a next key before it signs anyway.
+    #[arg(long, env = "KEYFLEET_PUBLISH_AHEAD", default_value = "10m", value_parser = parse_duration)]
+    pub publish_ahead: Duration,
+    /// Clock skew verifiers allow; a retiring key stays published token-ttl + leeway after it stops signing.
+    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = "60s", value_parser = parse_duration)]
+    pub leeway: Duration,
+    /// File with a 32-byte key-encryption key (64 hex chars) that seals private keys at rest.
+    /// Or set KEYFLEET_KEK to the key itself.
+    #[arg(long, env = "KEYFLEET_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifierArgs {
+    /// Address for the gRPC API (Verifier, health, reflection).
+    #[arg(long, env = "KEYFLEET_GRPC_LISTEN", default_value = "127.0.0.1:7100")]
+    pub grpc_listen: SocketAddr,
+    /// Address for HTTP (/metrics, /healthz, /readyz).
+    #[arg(long, env = "KEYFLEET_HTTP_LISTEN", default_value = "127.0.0.1:7101")]
+    pub http_listen: SocketAddr,
+    /// gRPC URL of the keyfleet authority to follow (push stream + periodic pull).
+    #[arg(
+        long,
+        env = "KEYFLEET_AUTHORITY",
+        required_unless_present = "jwks_url",
+        conflicts_with = "jwks_url"
+    )]
+    pub authority: Option<String>,
+    /// Trust any standard JWKS served over HTTP instead of a keyfleet authority (needs --issuer).
+    #[arg(long, env = "KEYFLEET_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Required `iss` (learned from the authority when not set).
+    #[arg(long, env = "KEYFLEET_ISSUER")]
+    pub issuer: Option<String>,
+    /// Audience every token must carry (callers may require one more per request).
+    #[arg(long, env = "KEYFLEET_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Clock skew allowed on exp, nbf and iat.
+    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = "60s", value_parser = parse_duration)]
+    pub leeway: Duration,
+    /// Periodic pull of the key set, the fallback when the push stream is down.
+    #[arg(long, env = "KEYFLEET_REFRESH_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
+    /// At most one refresh per this period on unknown `kid`s (a flood of made-up kids costs nothing).
+    #[arg(long, env = "KEYFLEET_UNKNOWN_KID_COOLDOWN", default_value = "5s", value_parser = parse_duration)]
+    pub unknown_kid_cooldown: Duration,
+    /// Keep verifying from the last good key set this long when the source is unreachable;
+    /// after that answer UNAVAILABLE (fail closed).
+    #[arg(long, env = "KEYFLEET_MAX_STALE", default_value = "24h", value_parser = parse_duration)]
+    pub max_stale: Duration,
+    /// Directory for the last good key set, so a restart during an authority outage serves at once.
+    #[arg(long, env = "KEYFLEET_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// This node's name, reported to the authority and in every answer. [default: verifier-<grpc port>]
+    #[arg(long, env = "KEYFLEET_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Region label of this node.
+    #[arg(long, env = "KEYFLEET_REGION", default_value = "default")]
+    pub region: String,
+    /// Tokens longer than this are refused (TOO_LARGE) before any decoding.
+    #[arg(long, env = "KEYFLEET_MAX_TOKEN_BYTES", default_value_t = 8192)]
+    pub max_token_bytes: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct AuthorityConn {
+    /// gRPC URL of the authority.
+    #[arg(
+        long,
+        env = "KEYFLEET_AUTHORITY",
+        default_value = "http://127.0.0.1:7000"
+    )]
+    pub authority: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminCred {
+    /// File holding the admin token (the authority's <data-dir>/admin.token). Or set
+    /// KEYFLEET_ADMIN_TOKEN to the token itself.
+    #[arg(long, env = "KEYFLEET_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token at the authority and print it (compact JWT) on stdout.
+    Issue {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The token's `sub`.
+        #[arg(long, env = "KEYFLEET_SUBJECT")]
+        subject: String,
+        /// The token's `aud` (repeat for several).
+        #[arg(long, env = "KEYFLEET_AUDIENCE", required = true)]
+        audience: Vec<String>,
+        /// Lifetime (at most the authority's --token-ttl). [default: the authority's --token-ttl]
+        #[arg(long, env = "KEYFLEET_TTL", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// A custom claim as key=value; a JSON value (42, true, ["a"]) is kept as JSON. Repeatable.
+        #[arg(long = "claim", value_name = "KEY=VALUE")]
+        claims: Vec<String>,
+    },
+    /// Ask a verifier about a token; prints the verdict as JSON. Exit 0 valid, 1 invalid.
+    Verify {
+        /// gRPC URL of a verifier node.
+        #[arg(
+            long,
+            env = "KEYFLEET_VERIFIER",
+            default_value = "http://127.0.0.1:7100"
+        )]
+        verifier: String,
+        /// Audience the token must carry.
+        #[arg(long, env = "KEYFLEET_AUDIENCE")]
+        audience: Option<String>,
+        /// The compact JWT, or - to read it from stdin.
+        token: String,
+    },
+    /// Deny one token (by its jti) on every verifier until it expires.
+    Revoke {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The token's `jti`.
+        jti: String,
+        /// Until when: the token's `exp` as Unix seconds, an RFC 3339 time, or a duration from now (15m).
+        #[arg(long)]
+        until: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Every key with its state and times, and every watching verifier with the version it holds.
+    List {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        /// Print the raw answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate now: the published next key becomes active once every verifier holds it.
+    Rotate {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// Return at once instead of waiting for the new key to be active.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Emergency: remove a key from the JWKS at once; its tokens are refused (KEY_REVOKED).
+    Revoke {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The key's kid (see `keyfleet keys list`).
+        kid: String,
+    },
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let server = matches!(cli.command, Command::Authority(_) | Command::Verifier(_));
+    telemetry::init(cli.log_format, if server { "info" } else { "warn" });
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Authority(args) => run_authority(args).await,
+        Command::Verifier(args) => run_verifier(args).await,
+        Command::Token(cmd) => client::token(cmd).await,
+        Command::Keys(cmd) => client::keys(cmd).await,
+        Command::Health { grpc, service } => client::health(&grpc, &service).await,
+    }
+}
+
+fn secs(d: Duration) -> i64 {
+    d.as_secs() as i64
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for {what}: is another process using it? choose another address with --{what}-listen")
+    })
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        keyfleet_runtime::serve::shutdown_signal().await;
+        tracing::info!("shutdown signal received, draining");
+        token.cancel();
+    });
+}
+
+async fn run_authority(args: AuthorityArgs) -> anyhow::Result<ExitCode> {
+    let kek = match (&args.kek_file, std::env::var("KEYFLEET_KEK").ok()) {
+        (Some(path), _) => Some(
+            keyfleet_authority::Kek::from_file(path)
+                .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?,
+        ),
+        (None, Some(text)) => Some(
+            keyfleet_authority::Kek::parse(&text)
+                .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("KEYFLEET_KEK: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    let config = keyfleet_authority::Config {
+        admin_token_file: args
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("admin.token")),
+        data_dir: args.data_dir,
+        issuer: args.issuer,
+        policy: keyfleet_core::RingPolicy {
+            token_ttl: secs(args.token_ttl),
+            leeway: secs(args.leeway),
+            rotation_period: secs(args.rotation_period),
+            publish_ahead: secs(args.publish_ahead),
+        },
+        kek,
+        clock: Clock::system(),
+        watcher_timeout: Duration::from_secs(30),
+        tick_interval: Duration::from_secs(1),
+    };
+    let authority = keyfleet_authority::Authority::open(config)
+        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?;
+    let grpc = bind(args.grpc_listen, "grpc").await?;
+    let http = bind(args.http_listen, "http").await?;
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "authority listening");
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    authority.serve(grpc, http, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
+    let source = match (args.authority, args.jwks_url) {
+        (Some(url), None) => keyfleet_verifier::Source::Authority { url },
+        (None, Some(url)) => {
+            if args.issuer.is_none() {
+                return Err(exit_with(
+                    EXIT_CONFIG,
+                    anyhow::anyhow!(
+                        "--jwks-url needs --issuer: a plain JWKS does not say which issuer to trust"
+                    ),
+                ));
+            }
+            keyfleet_verifier::Source::JwksUrl { url }
+        }
+        _ => {
+            return Err(exit_with(
+                EXIT_CONFIG,
+                anyhow::anyhow!("give exactly one of --authority or --jwks-url"),
+            ));
+        }
+    };
+    let config = keyfleet_verifier::Config {
+        source,
+        issuer: args.issuer,
+        audience: args.audience,
+        leeway: args.leeway,
+        refresh_interval: args.refresh_interval,
+        unknown_kid_cooldown: args.unknown_kid_cooldown,
+        max_stale: args.max_stale,
+        cache_dir: args.cache_dir,
+        node_id: args
+            .node_id
+            .unwrap_or_else(|| format!("verifier-{}", args.grpc_listen.port())),
+        region: args.region,
+        max_token_bytes: args.max_token_bytes,
+        clock: Clock::system(),
+    };
+    let grpc = bind(args.grpc_listen, "grpc").await?;
+    let http = bind(args.http_listen, "http").await?;
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, node_id = %config.node_id, "verifier listening");
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    keyfleet_verifier::run(grpc, http, config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}

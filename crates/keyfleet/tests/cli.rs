@@ -1,0 +1,428 @@
+//! The `keyfleet` binary end to end, as an operator runs it: real processes on loopback ports,
+//! the CLI's output and exit codes, a SIGKILLed authority, `keyfleet demo`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyfleet");
+
+/// A server child process, killed on drop.
+struct Server {
+    child: Child,
+    grpc: String,
+    http: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `keyfleet <args>` with JSON logs and waits for its "listening" line.
+#[allow(clippy::zombie_processes)] // the returned Server kills and waits on drop
+fn spawn(args: &[&str]) -> Server {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keyfleet");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("keyfleet {args:?} did not report its addresses"));
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let f = &v["fields"];
+        if f["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("listening"))
+        {
+            let grpc = format!("http://{}", f["grpc"].as_str().unwrap());
+            let http = format!("http://{}", f["http"].as_str().unwrap());
+            // Keep draining stderr so the child never blocks on a full pipe.
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return Server { child, grpc, http };
+        }
+    }
+}
+
+fn authority(dir: &Path) -> Server {
+    spawn(&[
+        "authority",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--issuer",
+        "https://issuer.test",
+        "--publish-ahead",
+        "20s",
+    ])
+}
+
+fn verifier(authority: &str, node: &str) -> Server {
+    spawn(&[
+        "verifier",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--authority",
+        authority,
+        "--node-id",
+        node,
+        "--region",
+        "test",
+    ])
+}
+
+fn keyfleet(args: &[&str], admin: Option<&Path>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("KEYFLEET_ADMIN_TOKEN")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    if let Some(file) = admin {
+        cmd.env("KEYFLEET_ADMIN_TOKEN_FILE", file);
+    } else {
+        cmd.env_remove("KEYFLEET_ADMIN_TOKEN_FILE");
+    }
+    cmd.output().expect("run keyfleet")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` until it returns Some, for at most `secs` seconds.
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // A plain thread in a sync test: no runtime to block.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn verify(verifier: &Server, token: &str) -> (i32, Value) {
+    let o = keyfleet(
+        &[
+            "token",
+            "verify",
+            "--verifier",
+            &verifier.grpc,
+            "--audience",
+            "orders",
+            token,
+        ],
+        None,
+    );
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap_or(Value::Null);
+    (o.status.code().unwrap_or(-1), v)
+}
+
+fn issue(auth: &Server, admin: &Path) -> String {
+    let o = keyfleet(
+        &[
+            "token",
+            "issue",
+            "--authority",
+            &auth.grpc,
+            "--subject",
+            "alice",
+            "--audience",
+            "orders",
+            "--claim",
+            "role=admin",
+        ],
+        Some(admin),
+    );
+    assert!(o.status.success(), "token issue failed: {}", stderr(&o));
+    stdout(&o).trim().to_owned()
+}
+
+/// A plain HTTP/1.1 GET over a raw socket: (status line, body).
+fn http_get(base: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (head.to_owned(), body.to_owned())
+}
+
+fn keys_json(auth: &Server) -> Value {
+    let o = keyfleet(&["keys", "list", "--authority", &auth.grpc, "--json"], None);
+    assert!(o.status.success(), "keys list: {}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+fn active_kid(list: &Value) -> String {
+    list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["state"] == "active")
+        .unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn operator_flow_across_rotation_and_authority_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin.token");
+    let auth = authority(dir.path());
+    let nodes: Vec<Server> = (1..=3)
+        .map(|i| verifier(&auth.grpc, &format!("node-{i}")))
+        .collect();
+
+    let token = issue(&auth, &admin);
+    for node in &nodes {
+        let (code, v) = eventually(20, "a verifier to hold keys", || {
+            let (code, v) = verify(node, &token);
+            (code == 0).then_some((code, v))
+        });
+        assert_eq!(code, 0);
+        assert_eq!(v["valid"], true);
+        assert_eq!(v["reason"], "OK");
+        assert_eq!(v["subject"], "alice");
+        assert_eq!(v["claims"]["role"], "admin");
+    }
+
+    // Every node watches and has acknowledged the current version.
+    let list = eventually(20, "three acknowledging watchers", || {
+        let l = keys_json(&auth);
+        let v = l["version"].as_u64().unwrap();
+        let acked = l["watchers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["connected"] == true && w["acked_version"].as_u64() == Some(v))
+            .count();
+        (acked == 3).then_some(l)
+    });
+    let before = active_kid(&list);
+
+    // The JWKS over HTTP carries the same keys, as RFC 7517 OKP keys, with a cache lifetime.
+    let (head, body) = http_get(&auth.http, "/.well-known/jwks.json");
+    assert!(
+        head.starts_with("HTTP/1.1 200")
+            && head
+                .to_ascii_lowercase()
+                .contains("cache-control: public, max-age="),
+        "{head}"
+    );
+    let jwks: Value = serde_json::from_str(&body).unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(kids.contains(&before.as_str()), "{body}");
+    for k in jwks["keys"].as_array().unwrap() {
+        assert_eq!(
+            (
+                k["kty"].as_str(),
+                k["crv"].as_str(),
+                k["alg"].as_str(),
+                k["use"].as_str()
+            ),
+            (Some("OKP"), Some("Ed25519"), Some("EdDSA"), Some("sig"))
+        );
+    }
+    let (head, body) = http_get(&nodes[0].http, "/readyz");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head} {body}");
+
+    // Rotate: returns once the new key signs; old and new tokens verify everywhere.
+    let o = keyfleet(&["keys", "rotate", "--authority", &auth.grpc], Some(&admin));
+    assert!(o.status.success(), "rotate: {}", stderr(&o));
+    let after = active_kid(&keys_json(&auth));
+    assert_ne!(before, after);
+    let token2 = issue(&auth, &admin);
+    for node in &nodes {
+        for t in [&token, &token2] {
+            let (code, v) = verify(node, t);
+            assert_eq!((code, v["reason"].as_str()), (0, Some("OK")), "{v}");
+        }
+    }
+    let table = stdout(&keyfleet(
+        &["keys", "list", "--authority", &auth.grpc],
+        None,
+    ));
+    assert!(
+        table.contains(&after) && table.contains("retiring") && table.contains("node-2"),
+        "{table}"
+    );
+
+    // A forged token is refused with exit 1 and a reason.
+    let mut forged = token2.clone();
+    forged.replace_range(forged.len() - 2.., "AA");
+    let (code, v) = verify(&nodes[0], &forged);
+    assert_eq!(code, 1);
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["reason"], "BAD_SIGNATURE");
+
+    // SIGKILL the authority: the fleet keeps verifying.
+    let jwks_before = keys_json(&auth)["keys"].clone();
+    drop(auth);
+    for node in &nodes {
+        assert_eq!(verify(node, &token2).0, 0);
+    }
+    // Restarted on the same data dir: same published keys, same signer; new tokens verify.
+    let auth = authority(dir.path());
+    let list = keys_json(&auth);
+    assert_eq!(list["keys"], jwks_before);
+    assert_eq!(active_kid(&list), after);
+    let token3 = issue(&auth, &admin);
+    for node in &nodes {
+        assert_eq!(verify(node, &token3).0, 0);
+    }
+}
+
+#[test]
+fn admin_commands_need_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = authority(dir.path());
+    let o = keyfleet(
+        &[
+            "token",
+            "issue",
+            "--authority",
+            &auth.grpc,
+            "--subject",
+            "a",
+            "--audience",
+            "b",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("--admin-token-file"), "{}", stderr(&o));
+
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token\n").unwrap();
+    let o = keyfleet(&["keys", "rotate", "--authority", &auth.grpc], Some(&wrong));
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("refused the admin credential"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_answer() {
+    // A wrong flag: usage error, exit 64.
+    let o = keyfleet(&["authority", "--no-such-flag"], None);
+    assert_eq!(o.status.code(), Some(64));
+    // A bad duration says how to write one.
+    let o = keyfleet(&["authority", "--token-ttl", "soon"], None);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("15m"), "{}", stderr(&o));
+    // An unreachable authority: exit 69 and what to check.
+    let o = keyfleet(&["keys", "list", "--authority", "http://127.0.0.1:1"], None);
+    assert_eq!(o.status.code(), Some(69));
+    assert!(
+        stderr(&o).contains("cannot reach the authority"),
+        "{}",
+        stderr(&o)
+    );
+    // --jwks-url without --issuer.
+    let o = keyfleet(
+        &[
+            "verifier",
+            "--jwks-url",
+            "http://127.0.0.1:1/jwks.json",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("--issuer"), "{}", stderr(&o));
+    // Unsafe lifecycle timings are refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let o = keyfleet(
+        &[
+            "authority",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--rotation-period",
+            "5m",
+            "--publish-ahead",
+            "10m",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("--publish-ahead"), "{}", stderr(&o));
+    // --help teaches.
+    let o = keyfleet(&["verifier", "--help"], None);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).contains("--max-stale") && stdout(&o).contains("KEYFLEET_"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn demo_runs_and_exits_zero() {
+    let o = keyfleet(&["demo", "--tokens", "5"], None);
+    assert!(
+        o.status.success(),
+        "demo failed:\n{}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let out = stdout(&o);
+    assert!(
+        out.contains("OK: every legitimate token verified on every node"),
+        "{out}"
+    );
+    assert!(out.contains("wrong verdicts  0"), "{out}");
+}
