@@ -23,6 +23,11 @@ pub struct ClusterOptions {
     pub policy: keyfleet_core::RingPolicy,
     pub issuer: String,
     pub clock: Clock,
+    /// Where the verifiers run (the load generator gives them their own runtime, so their CPU
+    /// time can be told from its own); the caller's runtime when `None`.
+    pub runtime: Option<tokio::runtime::Handle>,
+    /// The verifiers' verified-token cache bound; the node default when `None`.
+    pub cache_entries: Option<usize>,
 }
 
 impl Default for ClusterOptions {
@@ -38,6 +43,8 @@ impl Default for ClusterOptions {
             },
             issuer: "https://keyfleet.local".into(),
             clock: Clock::system(),
+            runtime: None,
+            cache_entries: None,
         }
     }
 }
@@ -49,6 +56,8 @@ pub struct Node {
     pub region: String,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The verifier itself (for in-process measurements); `None` for the authority.
+    pub verifier: Option<keyfleet_verifier::Verifier>,
     stop: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -131,6 +140,7 @@ impl LocalCluster {
             clock: options.clock.clone(),
             watcher_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(200),
+            ..keyfleet_authority::Config::for_test(&data_dir)
         };
         let authority = keyfleet_authority::Authority::open(config).map_err(|e| anyhow!("{e}"))?;
         let admin_token = authority.admin_token();
@@ -146,6 +156,7 @@ impl LocalCluster {
             region: String::new(),
             grpc: g,
             http: h,
+            verifier: None,
             stop,
             task: Some(task),
         };
@@ -159,10 +170,12 @@ impl LocalCluster {
     ) -> anyhow::Result<Node> {
         let region = self.options.regions[i % self.options.regions.len().max(1)].clone();
         let name = format!("verifier-{}", i + 1);
+        let source = keyfleet_verifier::Source::Authority {
+            url: self.authority.grpc_url(),
+        };
+        // Node defaults for anything not set here (the config grows; this stays valid).
         let config = keyfleet_verifier::Config {
-            source: keyfleet_verifier::Source::Authority {
-                url: self.authority.grpc_url(),
-            },
+            source: source.clone(),
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(self.options.policy.leeway as u64),
@@ -174,6 +187,7 @@ impl LocalCluster {
             region: region.clone(),
             max_token_bytes: 8192,
             clock: self.options.clock.clone(),
+            ..keyfleet_verifier::Config::new(source)
         };
         let (grpc, http) = match addrs {
             Some((g, h)) => (TcpListener::bind(g).await?, TcpListener::bind(h).await?),
@@ -181,12 +195,21 @@ impl LocalCluster {
         };
         let (g, h) = (grpc.local_addr()?, http.local_addr()?);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(keyfleet_verifier::run(grpc, http, config, stop.clone()));
+        let verifier = keyfleet_verifier::Verifier::open(config).await?;
+        if let Some(entries) = self.options.cache_entries {
+            verifier.set_cache_capacity(entries);
+        }
+        let serve = verifier.clone().serve(grpc, http, stop.clone());
+        let task = match &self.options.runtime {
+            Some(rt) => rt.spawn(serve),
+            None => tokio::spawn(serve),
+        };
         Ok(Node {
             name,
             region,
             grpc: g,
             http: h,
+            verifier: Some(verifier),
             stop,
             task: Some(task),
         })

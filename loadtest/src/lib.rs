@@ -2,3 +2,10 @@
 //! that `keyfleet demo`, `keyfleet loadtest --local` and the end-to-end tests start.
 
 pub mod cluster;
+pub mod cpu;
+pub mod engine;
+pub mod html;
+pub mod report;
+
+pub use engine::{Invalid, Load, LoadOptions, Pick, Target, run};
+pub use report::Report;

@@ -237,3 +237,247 @@ async fn fleet_keeps_verifying_through_an_authority_outage() {
     until_everywhere(&cluster, &after.token, Reason::Ok, Duration::from_secs(5)).await;
     cluster.shutdown().await.unwrap();
 }
+
+/// The CI load run: `--local 3 --rotate-every 2s --kill-every 5s` for ~12 s through the load
+/// generator's library API, with the issue's acceptance criteria and both reports written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_load_through_rotations_and_kills_meets_the_criteria() {
+    use keyfleet_loadtest::{Load, LoadOptions, Pick, Target};
+    keyfleet_runtime::telemetry::test_init();
+    let report = keyfleet_loadtest::run(LoadOptions {
+        target: Target::Local { verifiers: 3 },
+        duration: Duration::from_secs(12),
+        load: Load::Concurrency(8),
+        tokens: 100,
+        pick: Pick::Random,
+        connections_per_node: 1,
+        rotate_every: Some(Duration::from_secs(2)),
+        kill_every: Some(Duration::from_secs(5)),
+        invalid_ratio: 0.05,
+        progress: false,
+        ..LoadOptions::default()
+    })
+    .await
+    .unwrap();
+    eprintln!("{}", report.summary());
+    assert_eq!(report.false_rejects, 0, "legitimate tokens were refused");
+    assert_eq!(report.false_accepts, 0, "bad tokens were accepted");
+    assert!(
+        report.requests > 500,
+        "too little traffic to prove anything"
+    );
+    assert!(
+        report.invalid_requests > 0,
+        "no token that must be refused was sent"
+    );
+    assert!(report.rotations >= 4, "rotations: {}", report.rotations);
+    assert!(report.kills >= 2, "kills: {}", report.kills);
+    assert!(
+        report.tokens_on_multiple_nodes_ratio >= 0.99,
+        "only {} of tokens reached 2+ nodes",
+        report.tokens_on_multiple_nodes_ratio
+    );
+    assert_eq!(report.per_node.len(), 3, "{:?}", report.per_node);
+    assert!(
+        report.per_node_max_deviation <= 0.10,
+        "node shares not within ±10% of even: {:?}",
+        report.per_node
+    );
+    assert_eq!(report.per_region.len(), 2, "{:?}", report.per_region);
+    // The cost figures are measured (their values are the benchmark's business, not a test's).
+    for (what, v) in [
+        (
+            "server cpu per verify",
+            report.cost.server_cpu_us_per_verify,
+        ),
+        ("empty call", report.cost.empty_call_us),
+        ("in-process", report.cost.inprocess_verify_us),
+        ("batch ratio", report.cost.batch_ratio),
+        ("efficiency", report.efficiency),
+    ] {
+        assert!(v.is_some_and(|v| v > 0.0), "{what} not measured");
+    }
+    let cap = report.memory.cache_capacity.unwrap();
+    assert!(report.memory.cache_entries.values().all(|n| *n <= cap));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (json, html) = (dir.path().join("r.json"), dir.path().join("r.html"));
+    report.write(Some(&json), Some(&html)).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for field in [
+        "requests",
+        "false_rejects",
+        "false_accepts",
+        "errors",
+        "retries",
+        "throughput_rps",
+        "latency_us",
+        "per_node",
+        "per_region",
+        "tokens_on_multiple_nodes_ratio",
+        "rotations",
+        "kills",
+        "timeline",
+        "efficiency",
+        "memory",
+    ] {
+        assert!(!v[field].is_null(), "the JSON report lacks {field}");
+    }
+    for p in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(v["latency_us"][p].is_u64(), "latency_us.{p}");
+    }
+    assert!(v["timeline"].as_array().unwrap().len() >= 10);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("PASS"));
+    // Self-contained: nothing to fetch, nothing to run.
+    assert!(!page.contains("<script") && !page.contains("src=\"http"));
+}
+
+/// The verified-token cache and `VerifyBatch` answer exactly as the plain path (a node with the
+/// cache off, one `Verify` at a time) over the same tokens, valid and not, and a cached answer
+/// does not outlive a token or key revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_and_batch_answers_equal_the_plain_path() {
+    use keyfleet_proto::v1::VerifyBatchRequest;
+    keyfleet_runtime::telemetry::test_init();
+    let cluster = LocalCluster::start(ClusterOptions {
+        verifiers: 2,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    // verifier-2 is the plain path: no cache.
+    cluster.verifiers[1]
+        .verifier
+        .as_ref()
+        .unwrap()
+        .set_cache_capacity(0);
+    let (cached_url, plain_url) = (
+        cluster.verifiers[0].grpc_url(),
+        cluster.verifiers[1].grpc_url(),
+    );
+    let mut tokens = Vec::new();
+    for i in 0..12 {
+        tokens.push(
+            cluster
+                .issue(&format!("c{i}"), "orders")
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    let good = tokens[0].clone();
+    let (head, sig) = good.rsplit_once('.').unwrap();
+    let other = cluster.issue("zz", "orders").await.unwrap().token;
+    tokens.extend([
+        format!("{head}.{}", other.rsplit_once('.').unwrap().1), // BAD_SIGNATURE
+        format!("{}.{sig}", head.replacen('e', "f", 1)), // a header that is not the one signed
+        cluster.issue("x", "billing").await.unwrap().token, // WRONG_AUDIENCE
+        "eyJhbGciOiJFZERTQSIsImtpZCI6Im1hZGUtdXAiLCJ0eXAiOiJKV1QifQ.e30.AAAA".into(),
+        "not-a-token".into(),
+        String::new(),
+        format!("{good}x"),
+    ]);
+
+    let ask = |url: String, tokens: Vec<String>| async move {
+        let mut c = VerifierClient::new(channel(&url).await.unwrap());
+        let mut single = Vec::new();
+        for t in &tokens {
+            let r = c
+                .verify(VerifyRequest {
+                    token: t.clone(),
+                    audience: "orders".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            single.push(r);
+        }
+        let requests = tokens
+            .iter()
+            .map(|t| VerifyRequest {
+                token: t.clone(),
+                audience: "orders".into(),
+            })
+            .collect();
+        let batch = c
+            .verify_batch(VerifyBatchRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .responses;
+        (single, batch)
+    };
+    let key = |r: &VerifyResponse| {
+        (
+            r.valid,
+            r.reason,
+            r.kid.clone(),
+            r.subject.clone(),
+            r.issuer.clone(),
+            r.expires_at,
+            r.jti.clone(),
+            r.claims_json.clone(),
+        )
+    };
+    let (plain, plain_batch) = ask(plain_url.clone(), tokens.clone()).await;
+    assert_eq!(plain.iter().filter(|r| r.valid).count(), 12);
+    // Twice on the cached node: the second pass answers valid tokens from the cache.
+    for _ in 0..2 {
+        let (single, batch) = ask(cached_url.clone(), tokens.clone()).await;
+        for (i, want) in plain.iter().enumerate() {
+            assert_eq!(key(&single[i]), key(want), "Verify, token {i}");
+            assert_eq!(
+                key(&batch[i]),
+                key(want),
+                "VerifyBatch (cached node), token {i}"
+            );
+            assert_eq!(
+                key(&plain_batch[i]),
+                key(want),
+                "VerifyBatch (plain node), token {i}"
+            );
+        }
+    }
+    let (entries, _) = cluster.verifiers[0]
+        .verifier
+        .as_ref()
+        .unwrap()
+        .cache_usage();
+    assert_eq!(entries, 12, "only valid answers are cached");
+
+    // Revocations reach cached answers.
+    let mut authority = cluster.authority_client().await.unwrap();
+    let victim = cluster.issue("victim", "orders").await.unwrap();
+    assert!(verify_on(&cached_url, &victim.token).await.valid);
+    assert!(verify_on(&cached_url, &victim.token).await.valid);
+    authority
+        .revoke_token(cluster.admin(RevokeTokenRequest {
+            jti: victim.jti.clone(),
+            until: victim.expires_at,
+        }))
+        .await
+        .unwrap();
+    until_on(&cached_url, &victim.token, Reason::TokenRevoked).await;
+    authority
+        .revoke_key(cluster.admin(RevokeKeyRequest {
+            kid: victim.kid.clone(),
+        }))
+        .await
+        .unwrap();
+    until_on(&cached_url, &tokens[1], Reason::KeyRevoked).await;
+    cluster.shutdown().await.unwrap();
+}
+
+/// Polls one node until it gives `want` for `token` (bounded).
+async fn until_on(url: &str, token: &str, want: Reason) {
+    let start = Instant::now();
+    while verify_on(url, token).await.reason() != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{url} never answered {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

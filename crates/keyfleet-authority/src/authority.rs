@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::AdminToken;
 use crate::error::{OpenError, ServiceError};
+use crate::guard::AdminGuard;
 use crate::metrics::{Metrics, Trigger};
 use crate::store::{SecretKey, Store, Stored, write_atomic};
 use crate::watchers::Watchers;
@@ -73,6 +74,11 @@ pub(crate) struct Shared {
     /// Asks the lifecycle loop for a tick now (after an ack or a disconnect).
     pub kick: Notify,
     pub metrics: Metrics,
+    /// How the listeners are served (TLS, limits) and the admin rules (`--insecure-admin`,
+    /// the admin rate).
+    transport: keyfleet_runtime::serve::Transport,
+    insecure_admin: bool,
+    admin_rate: u32,
 }
 
 impl Authority {
@@ -163,7 +169,14 @@ impl Authority {
             snapshots: watch::Sender::new(snapshot),
             watchers: Mutex::default(),
             kick: Notify::new(),
+            transport: keyfleet_runtime::serve::Transport {
+                tls: config.tls,
+                limits: config.limits,
+                shed: metrics.shed.clone(),
+            },
             metrics,
+            insecure_admin: config.insecure_admin,
+            admin_rate: config.admin_rate,
         };
         Ok(Authority {
             shared: Arc::new(shared),
@@ -187,24 +200,61 @@ impl Authority {
         let grpc_addr = grpc.local_addr()?;
         let http_addr = http.local_addr()?;
         let stop = shutdown.child_token();
-        let service = grpc::AuthorityService::new(shared.clone(), stop.clone());
+        let guard = AdminGuard::new(
+            grpc_addr,
+            shared.transport.tls.is_some(),
+            shared.insecure_admin,
+            shared.admin_rate,
+        );
+        if !guard.transport_ok(None) {
+            warn!(grpc = %grpc_addr, "admin calls are refused on this plaintext non-loopback listener (except from this host): give --tls-cert/--tls-key, or --insecure-admin");
+        }
+        let service = grpc::AuthorityService::new(shared.clone(), stop.clone(), guard);
         let (routes, _health) = keyfleet_runtime::serve::with_health_and_reflection(
             Routes::new(pb::authority_server::AuthorityServer::new(service)),
             "keyfleet.v1.Authority",
         )
         .await?;
+        let labels = keyfleet_runtime::rpc_trace::ServerLabels {
+            role: "authority",
+            node_id: "authority".to_owned(),
+            region: String::new(),
+        };
+        let weak = Arc::downgrade(&shared);
+        keyfleet_runtime::metrics_bridge::export(&labels.attributes(), move || {
+            let shared = weak.upgrade()?;
+            let watchers = shared.lock_watchers();
+            shared
+                .metrics
+                .observe_watchers(&watchers, shared.watcher_timeout);
+            drop(watchers);
+            Some(shared.metrics.encode())
+        });
+        let routes = keyfleet_runtime::rpc_trace::traced(routes, labels);
         let router = http::router(shared.clone(), http_addr);
         info!(grpc = %grpc_addr, http = %http_addr, issuer = %shared.issuer, "authority listening");
 
         let lifecycle = tokio::spawn(lifecycle(shared.clone(), stop.clone()));
         // Whichever server stops first (an error, or the shutdown) stops the other.
         let grpc_server = async {
-            let result = keyfleet_runtime::serve::serve_grpc(grpc, routes, stop.clone()).await;
+            let result = keyfleet_runtime::serve::serve_grpc_with(
+                grpc,
+                routes,
+                &shared.transport,
+                stop.clone(),
+            )
+            .await;
             stop.cancel();
             result
         };
         let http_server = async {
-            let result = keyfleet_runtime::serve::serve_http(http, router, stop.clone()).await;
+            let result = keyfleet_runtime::serve::serve_http_with(
+                http,
+                router,
+                &shared.transport,
+                stop.clone(),
+            )
+            .await;
             stop.cancel();
             result
         };
@@ -230,7 +280,9 @@ async fn lifecycle(shared: Arc<Shared>, stop: CancellationToken) {
         {
             let mut watchers = shared.lock_watchers();
             watchers.prune();
-            shared.metrics.watchers.set(watchers.connected() as i64);
+            shared
+                .metrics
+                .observe_watchers(&watchers, shared.watcher_timeout);
         }
         match shared.tick().await {
             // Already logged where it happened.
@@ -280,6 +332,16 @@ impl Shared {
                 return Err(ServiceError::Persist(e));
             }
             let published = work.ring.version != state.ring.version;
+            // A span per key-set change; no await follows while it is entered.
+            let _change = published.then(|| {
+                tracing::info_span!(
+                    "jwks.publish",
+                    version = work.ring.version,
+                    previous = state.ring.version,
+                    active_kid = %work.ring.active().kid,
+                )
+                .entered()
+            });
             let old_next = state.ring.next().map(|k| k.kid.clone());
             *state = work;
             if let Some(next) = state
@@ -328,6 +390,10 @@ impl Shared {
     }
 
     fn report(&self, outcome: &TickOutcome, trigger: Trigger) {
+        let _span = (outcome.promoted.is_some()
+            || !outcome.destroyed.is_empty()
+            || !outcome.retired.is_empty())
+        .then(|| tracing::info_span!("keyring.tick", trigger = trigger.as_str()).entered());
         if let Some(kid) = &outcome.promoted {
             self.metrics.rotated(trigger);
             info!(kid = %kid, trigger = trigger.as_str(), "key activated");

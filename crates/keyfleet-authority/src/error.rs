@@ -77,6 +77,12 @@ pub(crate) enum ServiceError {
     Random(getrandom::Error),
     #[error("the authority is shutting down")]
     ShuttingDown,
+    #[error(
+        "admin calls are refused over plaintext on a non-loopback listener: give the authority --tls-cert/--tls-key (or --insecure-admin), or call it from its own host"
+    )]
+    AdminNeedsTls,
+    #[error("too many admin calls or failed credentials: retry in a moment")]
+    RateLimited,
 }
 
 impl From<ServiceError> for Status {
@@ -94,6 +100,8 @@ impl From<ServiceError> for Status {
                 Status::internal(message)
             }
             ServiceError::Persist(_) | ServiceError::ShuttingDown => Status::unavailable(message),
+            ServiceError::AdminNeedsTls => Status::failed_precondition(message),
+            ServiceError::RateLimited => Status::resource_exhausted(message),
         }
     }
 }
@@ -121,6 +129,8 @@ mod tests {
                 ServiceError::Persist(std::io::Error::other("disk full")),
                 Code::Unavailable,
             ),
+            (ServiceError::AdminNeedsTls, Code::FailedPrecondition),
+            (ServiceError::RateLimited, Code::ResourceExhausted),
         ];
         for (err, code) in cases {
             let status = Status::from(err);

@@ -12,26 +12,55 @@ use tracing::{debug, info};
 
 use crate::authority::Shared;
 use crate::error::ServiceError;
+use crate::guard::AdminGuard;
 use crate::watchers::bounded;
 
 pub(crate) struct AuthorityService {
     shared: Arc<Shared>,
     /// Cancelled on shutdown: ends every watch stream so the server can drain.
     stop: CancellationToken,
+    guard: AdminGuard,
+}
+
+/// What an admin call does, for the rate limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admin {
+    /// `IssueToken`: the minting path, bounded by load shedding only.
+    Mint,
+    /// Key and deny-list changes: rate-limited.
+    Manage,
 }
 
 impl AuthorityService {
-    pub(crate) fn new(shared: Arc<Shared>, stop: CancellationToken) -> AuthorityService {
-        AuthorityService { shared, stop }
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        guard: AdminGuard,
+    ) -> AuthorityService {
+        AuthorityService {
+            shared,
+            stop,
+            guard,
+        }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
+    /// Transport rule, rate limit, then the credential (compared in constant time). A failed
+    /// credential costs a token from the same bucket, so guessing is rate-limited too.
+    fn authorize<T>(&self, request: &Request<T>, kind: Admin) -> Result<(), ServiceError> {
+        if !self.guard.transport_ok(request.remote_addr()) {
+            return Err(ServiceError::AdminNeedsTls);
+        }
+        if kind == Admin::Manage && !self.guard.take() {
+            return Err(ServiceError::RateLimited);
+        }
         let value = request
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes());
         if self.shared.admin.accepts(value) {
             Ok(())
+        } else if kind == Admin::Mint && !self.guard.take() {
+            Err(ServiceError::RateLimited)
         } else {
             Err(ServiceError::Unauthenticated)
         }
@@ -71,7 +100,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Admin::Mint)?;
         Ok(Response::new(
             self.shared.issue_token(request.into_inner())?,
         ))
@@ -81,7 +110,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::RotateKeysRequest>,
     ) -> Result<Response<pb::RotateKeysResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Admin::Manage)?;
         Ok(Response::new(self.shared.rotate().await?))
     }
 
@@ -89,7 +118,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Admin::Manage)?;
         Ok(Response::new(
             self.shared.revoke_key(request.into_inner().kid).await?,
         ))
@@ -99,7 +128,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Admin::Manage)?;
         let req = request.into_inner();
         Ok(Response::new(
             self.shared.revoke_token(req.jti, req.until).await?,

@@ -69,8 +69,10 @@ async fn openid_configuration(
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    let connected = state.shared.lock_watchers().connected();
-    state.shared.metrics.watchers.set(connected as i64);
+    state
+        .shared
+        .metrics
+        .observe_watchers(&state.shared.lock_watchers(), state.shared.watcher_timeout);
     (
         [(
             header::CONTENT_TYPE,

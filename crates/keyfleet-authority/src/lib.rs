@@ -8,6 +8,7 @@ mod admin;
 mod authority;
 mod error;
 mod grpc;
+mod guard;
 mod http;
 mod kek;
 mod metrics;
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyfleet_core::RingPolicy;
+use keyfleet_runtime::limits::Limits;
+use keyfleet_runtime::tls::ServerTls;
 use keyfleet_runtime::{CancellationToken, Clock};
 use tokio::net::TcpListener;
 
@@ -43,26 +46,56 @@ pub struct Config {
     pub watcher_timeout: Duration,
     /// Period of the lifecycle tick (promotion, retirement, scheduled rotation).
     pub tick_interval: Duration,
+    /// TLS (and mTLS with a client CA) on both listeners; plaintext when `None`.
+    pub tls: Option<ServerTls>,
+    /// Serve admin RPCs over plaintext on a non-loopback listener anyway.
+    pub insecure_admin: bool,
+    /// Key-management calls (and failed admin credentials) allowed per second; bursts of twice
+    /// that.
+    pub admin_rate: u32,
+    /// gRPC transport limits and load shedding.
+    pub limits: Limits,
 }
 
 impl Config {
-    /// A configuration for tests: the system clock, fast ticks, a 2s publish-ahead, a 60s token
-    /// TTL, and the admin token file inside `data_dir`.
-    pub fn for_test(data_dir: &Path) -> Config {
+    /// The design's defaults (`--token-ttl 15m`, `--rotation-period 24h`, `--publish-ahead
+    /// 10m`, leeway 60s) with the key ring and admin token in `data_dir`.
+    pub fn new(data_dir: &Path) -> Config {
         Config {
             data_dir: data_dir.to_owned(),
             issuer: "keyfleet".into(),
             admin_token_file: data_dir.join("admin.token"),
+            policy: RingPolicy {
+                token_ttl: 15 * 60,
+                leeway: 60,
+                rotation_period: 24 * 3600,
+                publish_ahead: 10 * 60,
+            },
+            kek: None,
+            clock: Clock::system(),
+            watcher_timeout: Duration::from_secs(30),
+            tick_interval: Duration::from_secs(1),
+            tls: None,
+            insecure_admin: false,
+            admin_rate: 10,
+            limits: Limits::default(),
+        }
+    }
+
+    /// A configuration for tests: the system clock, fast ticks, a 2s publish-ahead, a 60s token
+    /// TTL, and the admin token file inside `data_dir`.
+    pub fn for_test(data_dir: &Path) -> Config {
+        Config {
             policy: RingPolicy {
                 token_ttl: 60,
                 leeway: 5,
                 rotation_period: 3600,
                 publish_ahead: 2,
             },
-            kek: None,
-            clock: Clock::system(),
             watcher_timeout: Duration::from_secs(5),
             tick_interval: Duration::from_millis(50),
+            admin_rate: 1000,
+            ..Config::new(data_dir)
         }
     }
 }

@@ -1,11 +1,15 @@
 //! The authority's Prometheus metrics. Every label is bounded (key states, rotation triggers).
 
+use std::time::Duration;
+
 use keyfleet_core::{KeyRing, KeyState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::watchers::Watchers;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -42,11 +46,15 @@ pub(crate) struct Metrics {
     registry: Registry,
     keys: Family<StateLabel, Gauge>,
     pub tokens_issued: Counter,
-    pub watchers: Gauge,
+    watchers: Gauge,
+    watchers_lagging: Gauge,
+    watchers_min_acked: Gauge,
     jwks_version: Gauge,
     rotations: Family<TriggerLabel, Counter>,
     next_rotation: Gauge,
     pub persist_failures: Counter,
+    /// Requests refused by load shedding (`RESOURCE_EXHAUSTED`).
+    pub shed: Counter,
 }
 
 impl Metrics {
@@ -55,6 +63,8 @@ impl Metrics {
         let keys = Family::<StateLabel, Gauge>::default();
         let tokens_issued = Counter::default();
         let watchers = Gauge::default();
+        let watchers_lagging = Gauge::default();
+        let watchers_min_acked = Gauge::default();
         let jwks_version = Gauge::default();
         let rotations = Family::<TriggerLabel, Counter>::default();
         let next_rotation = Gauge::default();
@@ -69,6 +79,16 @@ impl Metrics {
             "keyfleet_watchers",
             "Connected WatchJwks watchers",
             watchers.clone(),
+        );
+        registry.register(
+            "keyfleet_watchers_lagging",
+            "Live watchers that have not acknowledged the published JWKS version",
+            watchers_lagging.clone(),
+        );
+        registry.register(
+            "keyfleet_watchers_min_acked_version",
+            "Lowest JWKS version acknowledged by a live watcher (-1 when none is live)",
+            watchers_min_acked.clone(),
         );
         registry.register(
             "keyfleet_jwks_version",
@@ -90,6 +110,12 @@ impl Metrics {
             "Failed writes of the key ring (the change was not applied)",
             persist_failures.clone(),
         );
+        let shed = Counter::default();
+        registry.register(
+            "keyfleet_shed",
+            "Requests refused with RESOURCE_EXHAUSTED because the authority was overloaded",
+            shed.clone(),
+        );
         for trigger in Trigger::ALL {
             let _ = rotations.get_or_create(&TriggerLabel {
                 trigger: trigger.as_str(),
@@ -100,10 +126,13 @@ impl Metrics {
             keys,
             tokens_issued,
             watchers,
+            watchers_lagging,
+            watchers_min_acked,
             jwks_version,
             rotations,
             next_rotation,
             persist_failures,
+            shed,
         }
     }
 
@@ -124,6 +153,17 @@ impl Metrics {
             .set(ring.revoked_kids.len() as i64);
         self.jwks_version.set(ring.version as i64);
         self.next_rotation.set(ring.next_rotation_at());
+    }
+
+    /// Refreshes the watcher gauges: how many are connected, and how far the live ones are
+    /// from holding the published version (a rotation waits for them).
+    pub(crate) fn observe_watchers(&self, watchers: &Watchers, timeout: Duration) {
+        let published = self.jwks_version.get().max(0) as u64;
+        self.watchers.set(watchers.connected() as i64);
+        self.watchers_lagging
+            .set(watchers.lagging(published, timeout) as i64);
+        self.watchers_min_acked
+            .set(watchers.min_acked(timeout).map_or(-1, |v| v as i64));
     }
 
     pub(crate) fn rotated(&self, trigger: Trigger) {

@@ -90,6 +90,16 @@ impl Watchers {
             .min()
     }
 
+    /// Live watchers (as in [`Watchers::min_acked`]) that have not acknowledged `version`.
+    pub(crate) fn lagging(&self, version: u64, timeout: Duration) -> usize {
+        let now = Instant::now();
+        self.map
+            .values()
+            .filter(|w| w.connected && now.saturating_duration_since(w.seen_at) <= timeout)
+            .filter(|w| w.acked_version < version)
+            .count()
+    }
+
     pub(crate) fn connected(&self) -> usize {
         self.map.values().filter(|w| w.connected).count()
     }

@@ -617,6 +617,15 @@ async fn promotion_waits_for_live_watchers_to_ack() {
         assert_eq!(jwks(&mut client).await.active_kid, old_active);
     }
     assert_eq!(issue(&auth, &mut client).await.kid, old_active);
+    // Operators see the rotation waiting on a watcher.
+    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    for line in [
+        "keyfleet_watchers 1",
+        "keyfleet_watchers_lagging 1",
+        "keyfleet_watchers_min_acked_version 0",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
+    }
 
     // The acknowledgement releases it, and the new state is pushed with a new next key.
     watch.ack(version).await;
@@ -1031,5 +1040,49 @@ async fn a_failed_write_publishes_nothing() {
         metrics.contains("keyfleet_rotations_total{trigger=\"manual\"} 1"),
         "{metrics}"
     );
+    auth.stop().await;
+}
+
+/// Key management and failed credentials share a token bucket (`--admin-rate`, bursts of twice
+/// that); minting with the right credential does not consume it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = TestAuthority::spawn(Config {
+        admin_rate: 1,
+        ..Config::for_test(dir.path())
+    })
+    .await;
+    let mut client = auth.client().await;
+    // The burst (2): one failed credential and one revocation of a token.
+    let wrong = with_bearer(pb::RotateKeysRequest {}, "nope");
+    assert_eq!(
+        client.rotate_keys(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let revoke = pb::RevokeTokenRequest {
+        jti: "j".into(),
+        until: 0,
+    };
+    client
+        .revoke_token(auth.admin(revoke.clone()))
+        .await
+        .unwrap();
+    // Now empty: key management and guesses are refused without touching the ring.
+    let status = client.revoke_token(auth.admin(revoke)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let wrong = pb::IssueTokenRequest {
+        subject: "s".into(),
+        ..Default::default()
+    };
+    let status = client
+        .issue_token(with_bearer(wrong, "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Minting with the credential is not rate-limited.
+    for _ in 0..5 {
+        issue(&auth, &mut client).await;
+    }
     auth.stop().await;
 }

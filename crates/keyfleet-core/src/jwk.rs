@@ -60,9 +60,44 @@ pub fn thumbprint(public: &[u8; 32]) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
+/// A JWKS document as parsed by [`parse_jwks`], before screening.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JwksDocument {
+    pub keys: Vec<Jwk>,
+    /// Entries of `keys` that are not JWK objects at all (wrong types, duplicate members).
+    pub unparseable: usize,
+}
+
+/// Why a JWKS document was refused as a whole (the last good key set then stays).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a jwks document: {0}")]
+pub struct JwksError(String);
+
+/// Parses `{"keys":[...]}` without trusting it: a document that is not a JSON object with a
+/// `keys` array (or names `keys` twice) is refused; an entry that is not a JWK object, or that
+/// repeats a member, is skipped and counted; screening ([`screen`]) judges the rest. Never
+/// panics on any input.
+pub fn parse_jwks(body: &[u8]) -> Result<JwksDocument, JwksError> {
+    #[derive(Deserialize)]
+    struct Document {
+        keys: Vec<crate::strict_json::Tolerant>,
+    }
+    let doc: Document = serde_json::from_slice(body).map_err(|e| JwksError(e.to_string()))?;
+    let mut out = JwksDocument::default();
+    for crate::strict_json::Tolerant(entry) in doc.keys {
+        match entry.map(serde_json::from_value::<Jwk>) {
+            Ok(Ok(jwk)) => out.keys.push(jwk),
+            _ => out.unparseable += 1,
+        }
+    }
+    Ok(out)
+}
+
 /// Why a candidate key was left out of a key set. Bounded: used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectedKey {
+    /// Not a JWK object at all (see [`JwksDocument::unparseable`]).
+    Unparseable,
     NotOkpEd25519,
     MissingKid,
     BadEncoding,
@@ -75,6 +110,7 @@ pub enum RejectedKey {
 impl RejectedKey {
     pub fn as_str(self) -> &'static str {
         match self {
+            RejectedKey::Unparseable => "unparseable",
             RejectedKey::NotOkpEd25519 => "not_okp_ed25519",
             RejectedKey::MissingKid => "missing_kid",
             RejectedKey::BadEncoding => "bad_encoding",
@@ -108,8 +144,10 @@ pub fn screen(jwk: &Jwk) -> Result<VerifyingKey, RejectedKey> {
         .map_err(|_| RejectedKey::BadEncoding)?;
     let bytes: [u8; 32] = bytes.try_into().map_err(|_| RejectedKey::BadEncoding)?;
     let key = VerifyingKey::from_bytes(&bytes).map_err(|_| RejectedKey::BadEncoding)?;
-    // A non-canonical encoding decodes to a point whose canonical encoding differs.
-    if key.to_bytes() != bytes {
+    // A non-canonical encoding (y >= p, or a negative zero x) decodes to a point whose
+    // canonical encoding differs. `VerifyingKey::to_bytes` returns the bytes it was given, so
+    // compare against a fresh compression of the decoded point.
+    if key.to_edwards().compress().to_bytes() != bytes {
         return Err(RejectedKey::BadEncoding);
     }
     if key.is_weak() {

@@ -11,10 +11,10 @@ pub mod ring;
 pub mod strict_json;
 pub mod token;
 
-pub use jwk::{Jwk, KeySet, RejectedKey};
+pub use jwk::{Jwk, JwksDocument, JwksError, KeySet, RejectedKey, parse_jwks};
 pub use reason::Reason;
 pub use ring::{KeyRecord, KeyRing, KeyState, NewKey, RingError, RingPolicy};
-pub use token::{Policy, TokenClaims, Verified, sign_token, validate};
+pub use token::{Policy, TokenClaims, Verified, sign_token, validate, validate_with};
 
 /// Unix time in whole seconds, the unit of every JWT time claim.
 pub type UnixSeconds = i64;

@@ -17,6 +17,77 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
     }
 }
 
+/// A JSON value parsed to its end even when it holds duplicate members somewhere inside: the
+/// duplicate is reported in place of the value instead of failing the whole document, so one bad
+/// entry of a list (a JWKS `keys` array) can be skipped while its neighbours still apply.
+pub(crate) struct Tolerant(pub(crate) Result<Value, String>);
+
+impl<'de> Deserialize<'de> for Tolerant {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TolerantVisitor)
+    }
+}
+
+struct TolerantVisitor;
+
+impl<'de> Visitor<'de> for TolerantVisitor {
+    type Value = Tolerant;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Tolerant, E> {
+        Ok(Tolerant(Ok(Value::Bool(v))))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Tolerant, E> {
+        Ok(Tolerant(Ok(Value::from(v))))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Tolerant, E> {
+        Ok(Tolerant(Ok(Value::from(v))))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Tolerant, E> {
+        let v = serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number);
+        Ok(Tolerant(Ok(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Tolerant, E> {
+        Ok(Tolerant(Ok(Value::String(v.to_owned()))))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Tolerant, E> {
+        Ok(Tolerant(Ok(Value::String(v))))
+    }
+    fn visit_unit<E>(self) -> Result<Tolerant, E> {
+        Ok(Tolerant(Ok(Value::Null)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tolerant, A::Error> {
+        let mut out = Ok(Vec::new());
+        while let Some(Tolerant(v)) = seq.next_element()? {
+            match (&mut out, v) {
+                (Ok(items), Ok(v)) => items.push(v),
+                (Ok(_), Err(e)) => out = Err(e),
+                (Err(_), _) => {}
+            }
+        }
+        Ok(Tolerant(out.map(Value::Array)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tolerant, A::Error> {
+        let mut out = Ok(Map::new());
+        while let Some(key) = map.next_key::<String>()? {
+            let Tolerant(v) = map.next_value()?;
+            if let Ok(members) = &mut out {
+                match v {
+                    Err(e) => out = Err(e),
+                    Ok(v) => {
+                        if members.insert(key.clone(), v).is_some() {
+                            out = Err(format!("duplicate member {key:?}"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Tolerant(out.map(Value::Object)))
+    }
+}
+
 struct StrictValue(Value);
 
 impl<'de> Deserialize<'de> for StrictValue {

@@ -131,6 +131,20 @@ pub fn validate(
     policy: &Policy,
     audience: Option<&str>,
 ) -> Result<Verified, Refusal> {
+    validate_with(token, keys, now, policy, audience, verify_signature)
+}
+
+/// [`validate`] with the signature check supplied by the caller (`check(key, signing_input,
+/// signature)`), so the verifier's batch path can collect signatures for one Ed25519 batch
+/// verification and then validate again with the batch's answer. Every other rule is the same.
+pub fn validate_with<'t>(
+    token: &'t str,
+    keys: &KeySet,
+    now: UnixSeconds,
+    policy: &Policy,
+    audience: Option<&str>,
+    check: impl FnOnce(&VerifyingKey, &'t [u8], &[u8]) -> bool,
+) -> Result<Verified, Refusal> {
     // Size before anything else, so a huge token costs a length check.
     if token.len() > policy.max_token_bytes {
         return Err(refuse(
@@ -147,7 +161,11 @@ pub fn validate(
             "a JWT has exactly three dot-separated segments",
         ));
     };
+    // Every segment is decoded up front, so a token that is not three unpadded base64url
+    // segments is MALFORMED whatever its kid; decoding is cheap and trusts nothing.
     let header = decode_segment(h64, "header")?;
+    let claims = decode_segment(c64, "claims")?;
+    let sig = decode_segment(s64, "signature")?;
     let header =
         parse_object(&header).map_err(|e| refuse(Reason::Malformed, format!("header: {e}")))?;
 
@@ -171,17 +189,15 @@ pub fn validate(
         return Err(with_kid(refuse(Reason::UnknownKid, why)));
     };
 
-    // Signature before any claim is trusted (or even decoded).
-    let sig = decode_segment(s64, "signature").map_err(with_kid)?;
+    // Signature before any claim is trusted (or even parsed).
     let signing_input = &token.as_bytes()[..h64.len() + 1 + c64.len()];
-    if !verify_signature(key, signing_input, &sig) {
+    if !check(key, signing_input, &sig) {
         return Err(with_kid(refuse(
             Reason::BadSignature,
             "signature does not verify",
         )));
     }
 
-    let claims = decode_segment(c64, "claims").map_err(with_kid)?;
     let claims = parse_object(&claims)
         .map_err(|e| with_kid(refuse(Reason::Malformed, format!("claims: {e}"))))?;
     check_claims(kid, claims, keys, now, policy, audience).map_err(with_kid)

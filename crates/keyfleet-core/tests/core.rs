@@ -513,3 +513,318 @@ fn ring_round_trips_through_json() {
     let back: KeyRing = serde_json::from_str(&text).unwrap();
     assert_eq!(back, ring);
 }
+
+// ---- the hostile-token corpus ----
+
+#[allow(dead_code)]
+#[path = "../examples/hostile_corpus.rs"]
+mod hostile_corpus;
+
+/// The committed corpus is exactly what its generator writes (run the example to refresh it).
+#[test]
+fn hostile_corpus_has_not_drifted() {
+    let committed = include_str!("data/hostile_corpus.json");
+    assert!(
+        committed == hostile_corpus::render(),
+        "tests/data/hostile_corpus.json differs from its generator: run `cargo run -p keyfleet-core --example hostile_corpus`"
+    );
+}
+
+/// Every corpus case gets its expected verdict from `validate` over the corpus's own JWKS.
+#[test]
+fn hostile_corpus_verdicts() {
+    let corpus: Value = serde_json::from_str(include_str!("data/hostile_corpus.json")).unwrap();
+    let doc = keyfleet_core::parse_jwks(corpus["jwks"].as_str().unwrap().as_bytes()).unwrap();
+    // "not a jwk", null, an `x` that is a number and the entry with a repeated "x" are not
+    // JWK objects at all.
+    assert_eq!(doc.unparseable, 4);
+    let (keys, rejected) = KeySet::build(0, None, &doc.keys, [], []);
+    let mut kids: Vec<&str> = keys.kids().collect();
+    kids.sort();
+    assert_eq!(kids, ["good-1", "good-2"], "rejected: {rejected:?}");
+    let policy = Policy {
+        leeway: corpus["leeway"].as_i64().unwrap(),
+        max_token_bytes: corpus["max_token_bytes"].as_u64().unwrap() as usize,
+        max_lifetime: corpus["max_lifetime"].as_i64(),
+        ..Policy::new(corpus["issuer"].as_str().unwrap())
+    };
+    let now = corpus["now"].as_i64().unwrap();
+    let cases = corpus["cases"].as_array().unwrap();
+    assert!(cases.len() >= 300 + 512);
+    let mut wrong = Vec::new();
+    for case in cases {
+        let audience = case["audience"].as_str().filter(|a| !a.is_empty());
+        let got = match validate(
+            case["token"].as_str().unwrap(),
+            &keys,
+            now,
+            &policy,
+            audience,
+        ) {
+            Ok(_) => Reason::Ok,
+            Err(r) => r.reason,
+        };
+        if got.as_str() != case["expect"].as_str().unwrap() {
+            wrong.push(format!(
+                "{} / {}: got {got}, want {}",
+                case["class"], case["name"], case["expect"]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong verdicts:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+// ---- fuzzing (stable toolchain: proptest) ----
+//
+// No input may panic the token decoder or the JWKS parser, and no mutation of a valid token may
+// validate. Each property runs `PROPTEST_CASES` cases (default below); raise it for a longer
+// fuzzing session: `PROPTEST_CASES=200000 cargo test -p keyfleet-core --test core fuzz_`.
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALPHABET: &str =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ \u{0}é";
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(cases),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            max_lifetime: Some(86_400),
+            ..Policy::new("https://issuer.test")
+        }
+    }
+
+    fn good() -> String {
+        let (a, ka) = key(1);
+        sign_token(&a, &ka, &claims())
+    }
+
+    fn verdict(token: &str) -> Reason {
+        match validate(token, &keyset(None), NOW, &policy(), None) {
+            Ok(_) => Reason::Ok,
+            Err(r) => r.reason,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Replace(usize, char),
+        Insert(usize, char),
+        Delete(usize),
+        Truncate(usize),
+        Swap(usize, usize),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let ch = proptest::sample::select(ALPHABET.chars().collect::<Vec<_>>());
+        prop_oneof![
+            (any::<usize>(), ch.clone()).prop_map(|(i, c)| Edit::Replace(i, c)),
+            (any::<usize>(), ch).prop_map(|(i, c)| Edit::Insert(i, c)),
+            any::<usize>().prop_map(Edit::Delete),
+            any::<usize>().prop_map(Edit::Truncate),
+            (any::<usize>(), any::<usize>()).prop_map(|(i, j)| Edit::Swap(i, j)),
+        ]
+    }
+
+    fn apply(token: &str, edits: &[Edit]) -> String {
+        let mut chars: Vec<char> = token.chars().collect();
+        for e in edits {
+            let n = chars.len().max(1);
+            match *e {
+                Edit::Replace(i, c) if !chars.is_empty() => chars[i % n] = c,
+                Edit::Insert(i, c) => chars.insert(i % (chars.len() + 1), c),
+                Edit::Delete(i) if !chars.is_empty() => {
+                    chars.remove(i % n);
+                }
+                Edit::Truncate(i) => chars.truncate(i % (chars.len() + 1)),
+                Edit::Swap(i, j) if !chars.is_empty() => chars.swap(i % n, j % n),
+                _ => {}
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    /// A JSON value of bounded depth, with the strings and numbers JWT parsers trip on.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            (NOW - 1000..NOW + 1000).prop_map(Value::from),
+            "[ -~]{0,12}".prop_map(Value::from),
+            proptest::sample::select(vec![
+                "EdDSA",
+                "Ed25519",
+                "none",
+                "HS256",
+                "JWT",
+                "orders",
+                "https://issuer.test",
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::vec((member_name(), inner), 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn member_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(vec![
+                "alg", "kid", "typ", "crit", "b64", "zip", "enc", "cty", "jwk", "jku", "x5u",
+                "x5c", "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "kty", "crv", "x", "d",
+                "use", "key_ops", "keys",
+            ])
+            .prop_map(str::to_owned),
+            "[a-z]{1,4}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(2000))]
+
+        /// Arbitrary bytes (as the lossy string a gRPC client could send): no panic, never valid.
+        #[test]
+        fn fuzz_token_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let token = String::from_utf8_lossy(&bytes);
+            prop_assert_ne!(verdict(&token), Reason::Ok);
+        }
+
+        /// Strings over the characters a token is made of: no panic, never valid.
+        #[test]
+        fn fuzz_token_alphabet(token in "[A-Za-z0-9_=+/. -]{0,400}") {
+            prop_assert_ne!(verdict(&token), Reason::Ok);
+        }
+
+        /// Mutations of a valid token: no panic, and only the unchanged token validates.
+        #[test]
+        fn fuzz_token_mutations(edits in proptest::collection::vec(edit(), 1..4)) {
+            let original = good();
+            let mutated = apply(&original, &edits);
+            let got = verdict(&mutated);
+            prop_assert!(got != Reason::Ok || mutated == original, "{mutated} validated");
+        }
+
+        /// JSON bytes that arrive as raw segments (garbage, not JSON, invalid UTF-8): no panic.
+        #[test]
+        fn fuzz_raw_segments(
+            header in proptest::collection::vec(any::<u8>(), 0..200),
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let token = raw_bytes(&header, &body);
+            prop_assert_ne!(verdict(&token), Reason::Ok);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(500))]
+
+        /// Correctly signed tokens with arbitrary JSON header and claims: never panics; a valid
+        /// verdict only for an EdDSA header with the key's kid and claims that pass every rule.
+        #[test]
+        fn fuzz_signed_json(mut header in json_value(), body in json_value()) {
+            if let Value::Object(h) = &mut header {
+                // Often point at the real key so the claims rules get exercised too.
+                if h.len() % 2 == 0 {
+                    h.insert("alg".into(), "EdDSA".into());
+                    h.insert("kid".into(), key(1).1.into());
+                }
+            }
+            let token = raw(&header.to_string(), &body.to_string(), 1);
+            if verdict(&token) == Reason::Ok {
+                prop_assert!(body.get("exp").is_some_and(Value::is_number));
+                prop_assert_eq!(body.get("iss"), Some(&Value::from("https://issuer.test")));
+                prop_assert!(header.get("crit").is_none() && header.get("b64").is_none());
+            }
+        }
+
+        /// Arbitrary bytes as a JWKS document: no panic.
+        #[test]
+        fn fuzz_jwks_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok(doc) = keyfleet_core::parse_jwks(&bytes) {
+                let _ = KeySet::build(0, None, &doc.keys, [], []);
+            }
+        }
+
+        /// JWKS documents of arbitrary JSON keys: no panic; every key that passes screening is
+        /// a canonical, non-weak Ed25519 public key.
+        #[test]
+        fn fuzz_jwks_documents(keys in proptest::collection::vec(jwk_value(), 0..8)) {
+            let text = serde_json::json!({ "keys": keys }).to_string();
+            let doc = keyfleet_core::parse_jwks(text.as_bytes()).unwrap();
+            let (set, _) = KeySet::build(0, None, &doc.keys, [], []);
+            for kid in set.kids() {
+                let k = set.key(kid).unwrap();
+                prop_assert!(!k.is_weak());
+                prop_assert_eq!(k.to_edwards().compress().to_bytes(), k.to_bytes());
+            }
+        }
+    }
+
+    /// JWK-shaped objects: the real members with plausible and hostile values.
+    fn jwk_value() -> impl Strategy<Value = Value> {
+        let x = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(|b| URL_SAFE_NO_PAD.encode(b)),
+            any::<[u8; 32]>().prop_map(|b| URL_SAFE_NO_PAD.encode(b)),
+            (0u8..=255).prop_map(|s| URL_SAFE_NO_PAD
+                .encode(SigningKey::from_bytes(&[s; 32]).verifying_key().to_bytes())),
+        ];
+        let pick = |v: Vec<&'static str>| proptest::sample::select(v).prop_map(Value::from);
+        (
+            pick(vec!["OKP", "EC", "RSA", "oct", ""]),
+            pick(vec!["Ed25519", "X25519", "Ed448", ""]),
+            x,
+            pick(vec!["k1", "k2", ""]),
+            pick(vec!["sig", "enc", ""]),
+            any::<bool>(),
+            json_value(),
+        )
+            .prop_map(|(kty, crv, x, kid, use_, private, extra)| {
+                let mut m = serde_json::Map::new();
+                m.insert("kty".into(), kty);
+                m.insert("crv".into(), crv);
+                m.insert("x".into(), x.into());
+                m.insert("kid".into(), kid);
+                m.insert("use".into(), use_);
+                if private {
+                    m.insert("d".into(), "AAAA".into());
+                }
+                m.insert("extra".into(), extra);
+                Value::Object(m)
+            })
+    }
+
+    /// Signs raw bytes (not necessarily JSON or UTF-8) as header and claims with key 1.
+    fn raw_bytes(header: &[u8], body: &[u8]) -> String {
+        use ed25519_dalek::Signer;
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(body)
+        );
+        let sig = key(1).0.sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+}

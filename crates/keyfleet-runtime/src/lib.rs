@@ -2,8 +2,12 @@
 //! on already-bound listeners, and shutdown.
 
 pub mod clock;
+pub mod limits;
+pub mod metrics_bridge;
+pub mod rpc_trace;
 pub mod serve;
 pub mod telemetry;
+pub mod tls;
 
 pub use clock::Clock;
 pub use tokio_util::sync::CancellationToken;

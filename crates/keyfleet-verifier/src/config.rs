@@ -4,13 +4,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keyfleet_runtime::Clock;
+use keyfleet_runtime::limits::Limits;
+use keyfleet_runtime::tls::{ClientTls, ServerTls};
 
 /// Where the node gets its public keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// A keyfleet authority over gRPC (`http://host:port`): push stream plus pulls.
+    /// A keyfleet authority over gRPC (`http://host:port`, or `https://` for TLS): push stream
+    /// plus pulls.
     Authority { url: String },
-    /// Any standard JWKS document over HTTP (`http://host/jwks.json`): periodic pulls.
+    /// Any standard JWKS document over HTTP(S) (`https://host/jwks.json`): periodic pulls.
     JwksUrl { url: String },
 }
 
@@ -44,6 +47,14 @@ pub struct Config {
     pub region: String,
     /// Tokens longer than this are refused before any parsing.
     pub max_token_bytes: usize,
+    /// When set, a token may not live longer than this (`exp - iat`, or `exp - now`).
+    pub max_lifetime: Option<Duration>,
+    /// TLS (and mTLS with a client CA) on both listeners; plaintext when `None`.
+    pub tls: Option<ServerTls>,
+    /// What the node trusts (`--authority-ca`) and presents when it calls an `https://` source.
+    pub source_tls: ClientTls,
+    /// gRPC transport limits and load shedding.
+    pub limits: Limits,
     pub clock: Clock,
 }
 
@@ -62,6 +73,10 @@ impl Config {
             node_id: "verifier".to_owned(),
             region: "default".to_owned(),
             max_token_bytes: 8 * 1024,
+            max_lifetime: None,
+            tls: None,
+            source_tls: ClientTls::default(),
+            limits: Limits::default(),
             clock: Clock::system(),
         }
     }
@@ -81,12 +96,17 @@ impl Config {
     /// Refuses a configuration the node cannot run with.
     pub fn check(&self) -> Result<(), ConfigError> {
         let url = self.source.url();
-        if !url.starts_with("http://") {
-            return Err(if url.starts_with("https://") {
-                ConfigError::TlsUnsupported(url.to_owned())
-            } else {
-                ConfigError::BadUrl(url.to_owned())
-            });
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(ConfigError::BadUrl(url.to_owned()));
+        }
+        if url.starts_with("http://") && !self.source_tls.is_default() {
+            return Err(ConfigError::TlsOnPlainUrl(url.to_owned()));
+        }
+        if self.max_lifetime.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero("max lifetime"));
+        }
+        if self.limits.max_inflight == 0 {
+            return Err(ConfigError::Zero("max in-flight requests"));
         }
         if matches!(self.source, Source::JwksUrl { .. })
             && self.issuer.as_deref().is_none_or(str::is_empty)
@@ -124,10 +144,12 @@ pub enum ConfigError {
         "a verifier fed by --jwks-url needs --issuer (a JWKS document does not name its issuer)"
     )]
     IssuerRequired,
-    #[error("source url {0:?} is not an http:// url")]
+    #[error("source url {0:?} is not an http:// or https:// url")]
     BadUrl(String),
-    #[error("source url {0:?} needs TLS, which this build does not include: use http://")]
-    TlsUnsupported(String),
+    #[error(
+        "--authority-ca or a client certificate is set but the source url {0:?} is plain http: use https://"
+    )]
+    TlsOnPlainUrl(String),
     #[error("{0} may not be empty")]
     Empty(&'static str),
     #[error("{0} may not be zero")]

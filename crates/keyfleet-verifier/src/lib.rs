@@ -2,6 +2,7 @@
 //! periodic pull, coalesced unknown-kid refresh, on-disk cache) and answers `Verify` from them
 //! without ever calling the authority for a known kid.
 
+mod cache;
 mod config;
 mod gate;
 mod metrics;
@@ -9,7 +10,9 @@ mod node;
 mod store;
 mod upstream;
 
+pub use cache::DEFAULT_CACHE_ENTRIES;
 pub use config::{Config, ConfigError, Source};
+pub use node::MAX_BATCH;
 pub use keyfleet_runtime::CancellationToken;
 pub use node::Verifier;
 pub use store::CACHE_FILE;

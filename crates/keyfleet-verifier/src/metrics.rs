@@ -45,6 +45,10 @@ pub(crate) struct Metrics {
     pub(crate) unknown_kid: Counter,
     rejected: Family<Labels1, Counter>,
     pub(crate) inflight: Gauge<i64, AtomicI64>,
+    /// Requests refused by load shedding (`RESOURCE_EXHAUSTED`).
+    pub(crate) shed: Counter,
+    node_info: Family<[(&'static str, String); 2], Gauge>,
+    pub(crate) cache: crate::cache::CacheMetrics,
 }
 
 impl Metrics {
@@ -102,6 +106,19 @@ impl Metrics {
             "Verify calls in progress",
             inflight.clone(),
         );
+        let shed = Counter::default();
+        registry.register(
+            "keyfleet_shed",
+            "Requests refused with RESOURCE_EXHAUSTED because the node was overloaded",
+            shed.clone(),
+        );
+        let cache = crate::cache::CacheMetrics::register(&mut registry);
+        let node_info = Family::<[(&'static str, String); 2], Gauge>::default();
+        registry.register(
+            "keyfleet_node_info",
+            "Always 1: this node's id and region, to join onto its other series",
+            node_info.clone(),
+        );
         jwks_age.set(-1);
         Metrics {
             registry,
@@ -113,7 +130,20 @@ impl Metrics {
             unknown_kid,
             rejected,
             inflight,
+            shed,
+            node_info,
+            cache,
         }
+    }
+
+    /// Names the node in `keyfleet_node_info` (one series: the node's own configuration).
+    pub(crate) fn describe_node(&self, node_id: &str, region: &str) {
+        self.node_info
+            .get_or_create(&[
+                ("node_id", node_id.to_owned()),
+                ("region", region.to_owned()),
+            ])
+            .set(1);
     }
 
     pub(crate) fn verified(&self, reason: Reason) {

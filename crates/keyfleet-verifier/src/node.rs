@@ -15,18 +15,25 @@ use keyfleet_core::{Reason, Verified, validate};
 use keyfleet_proto::v1::verifier_server::{self, VerifierServer};
 use keyfleet_proto::v1::{self as pb, VerifyRequest, VerifyResponse, WatchJwksRequest};
 use keyfleet_runtime::CancellationToken;
-use keyfleet_runtime::serve::{serve_grpc, serve_http, with_health_and_reflection};
+use keyfleet_runtime::rpc_trace::ServerLabels;
+use keyfleet_runtime::serve::{
+    Transport, serve_grpc_with, serve_http_with, with_health_and_reflection,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
+use crate::cache::{DEFAULT_CACHE_ENTRIES, VerifyCache};
 use crate::config::{Config, Source};
 use crate::gate::{self, Gate, Ticket};
 use crate::metrics::{Metrics, Origin};
 use crate::store::{Applied, Store};
 use crate::upstream::{Fetched, Upstream};
+
+mod batch;
+pub use batch::MAX_BATCH;
 
 /// The gRPC service name, as health reports it.
 const SERVICE: &str = "keyfleet.v1.Verifier";
@@ -57,6 +64,7 @@ struct Inner {
     upstream: Upstream,
     gate: Gate,
     metrics: Arc<Metrics>,
+    cache: VerifyCache,
 }
 
 impl Verifier {
@@ -64,12 +72,14 @@ impl Verifier {
     /// Must run inside a Tokio runtime.
     pub async fn open(config: Config) -> anyhow::Result<Verifier> {
         config.check()?;
-        let upstream = Upstream::new(&config.source)?;
+        let upstream = Upstream::new(&config.source, &config.source_tls)?;
         let metrics = Arc::new(Metrics::new());
+        metrics.describe_node(&config.node_id, &config.region);
         let store = Arc::new(Store::new(config.clone(), metrics.clone()));
         let loader = store.clone();
         tokio::task::spawn_blocking(move || loader.load_cache()).await?;
         let gate = Gate::new(config.unknown_kid_cooldown);
+        let cache = VerifyCache::new(DEFAULT_CACHE_ENTRIES, metrics.cache.clone());
         Ok(Verifier {
             inner: Arc::new(Inner {
                 config,
@@ -77,6 +87,7 @@ impl Verifier {
                 upstream,
                 gate,
                 metrics,
+                cache,
             }),
         })
     }
@@ -89,6 +100,16 @@ impl Verifier {
     /// The version of the held key set (0 before any, and for a JWKS URL).
     pub fn version(&self) -> u64 {
         self.inner.store.version()
+    }
+
+    /// Bounds the verified-token cache to `entries` answers (0 turns it off).
+    pub fn set_cache_capacity(&self, entries: usize) {
+        self.inner.cache.set_capacity(entries);
+    }
+
+    /// Answers held by the verified-token cache, and its bound.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        (self.inner.cache.len(), self.inner.cache.capacity())
     }
 
     /// Serves gRPC on `grpc` and HTTP on `http` and keeps the key set fresh, until `shutdown`.
@@ -106,6 +127,12 @@ impl Verifier {
         let server = VerifierServer::new(self.clone()).max_decoding_message_size(max_request);
         let routes = Routes::new(server);
         let (routes, health) = with_health_and_reflection(routes, SERVICE).await?;
+        let routes = keyfleet_runtime::rpc_trace::traced(routes, self.labels());
+        let node = Arc::downgrade(&self.inner);
+        keyfleet_runtime::metrics_bridge::export(&self.labels().attributes(), move || {
+            node.upgrade()
+                .map(|inner| Verifier { inner }.render_metrics())
+        });
         // gRPC health follows readiness: NOT_SERVING until the first key set.
         let mut ready = self.inner.store.ready();
         if !*ready.borrow() {
@@ -130,15 +157,37 @@ impl Verifier {
             "verifier serving"
         );
         let router = self.router();
+        let transport = Transport {
+            tls: self.inner.config.tls.clone(),
+            limits: self.inner.config.limits.clone(),
+            shed: self.inner.metrics.shed.clone(),
+        };
         let served = tokio::try_join!(
-            serve_grpc(grpc, routes, shutdown.clone()),
-            serve_http(http, router, shutdown.clone()),
+            serve_grpc_with(grpc, routes, &transport, shutdown.clone()),
+            serve_http_with(http, router, &transport, shutdown.clone()),
         );
         background.cancel();
         for task in tasks {
             let _ = task.await;
         }
         served.map(|_| ())
+    }
+
+    /// What every RPC span and exported metric of this node carries.
+    fn labels(&self) -> ServerLabels {
+        ServerLabels {
+            role: "verifier",
+            node_id: self.inner.config.node_id.clone(),
+            region: self.inner.config.region.clone(),
+        }
+    }
+
+    /// The Prometheus exposition, with the gauges computed at scrape time refreshed.
+    fn render_metrics(&self) -> String {
+        let metrics = &self.inner.metrics;
+        metrics.jwks_age.set(self.inner.store.age().unwrap_or(-1));
+        metrics.jwks_version.set(self.inner.store.version() as i64);
+        metrics.encode()
     }
 
     /// `GET /metrics`, `GET /healthz`, `GET /readyz`.
@@ -166,6 +215,7 @@ impl Verifier {
             .observe(start.elapsed().as_secs_f64());
         if let Ok(response) = &answer {
             metrics.verified(from_proto(response.reason()));
+            record_verdict(response);
         }
         answer
     }
@@ -190,20 +240,23 @@ impl Verifier {
             return Ok(self.response(Err(refusal)));
         }
         let audience = (!audience.is_empty()).then_some(audience);
-        let verdict = validate(
-            token,
-            &held.keys,
-            self.inner.config.clock.now(),
-            policy,
-            audience,
-        );
+        let now = self.inner.config.clock.now();
+        let cache_key = self.inner.cache.key(token, audience);
+        if let Some(hit) = self.inner.cache.get(cache_key.as_ref(), &held, policy, now) {
+            return Ok(hit);
+        }
+        let verdict = validate(token, &held.keys, now, policy, audience);
         let kid = match &verdict {
             Err(Refusal {
                 reason: Reason::UnknownKid,
                 kid: Some(kid),
                 ..
             }) => kid.clone(),
-            _ => return Ok(self.response(verdict)),
+            _ => {
+                let response = self.response(verdict);
+                self.inner.cache.insert(cache_key, &held, policy, &response);
+                return Ok(response);
+            }
         };
         self.inner.metrics.unknown_kid.inc();
         if held.keys.is_ambiguous(&kid) || !self.refresh_for_unknown_kid(&kid).await {
@@ -430,19 +483,49 @@ impl verifier_server::Verifier for Verifier {
             .await
             .map(Response::new)
     }
+
+    async fn verify_batch(
+        &self,
+        request: Request<pb::VerifyBatchRequest>,
+    ) -> Result<Response<pb::VerifyBatchResponse>, Status> {
+        let request = request.into_inner();
+        self.verify_batch(&request.requests)
+            .await
+            .map(|responses| Response::new(pb::VerifyBatchResponse { responses }))
+    }
 }
 
 async fn metrics_handler(State(node): State<Verifier>) -> impl IntoResponse {
-    let metrics = &node.inner.metrics;
-    metrics.jwks_age.set(node.inner.store.age().unwrap_or(-1));
-    metrics.jwks_version.set(node.inner.store.version() as i64);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.encode(),
+        node.render_metrics(),
     )
+}
+
+/// Puts the verdict on the RPC span: the reason, and the kid only when it names a key the
+/// node holds or revoked (a kid that matched nothing is attacker-chosen and unbounded).
+fn record_verdict(response: &VerifyResponse) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let reason = response.reason();
+    span.record("reason", reason.as_str_name());
+    let matched_a_key = !matches!(
+        reason,
+        pb::Reason::Unspecified
+            | pb::Reason::Malformed
+            | pb::Reason::UnsupportedAlgorithm
+            | pb::Reason::UnknownKid
+            | pb::Reason::TooLarge
+            | pb::Reason::Unavailable
+    );
+    if matched_a_key && response.kid.len() <= 128 {
+        span.record("kid", response.kid.as_str());
+    }
 }
 
 async fn readyz_handler(State(node): State<Verifier>) -> (StatusCode, &'static str) {

@@ -141,6 +141,10 @@ impl Store {
             fetched.revoked_kids,
             fetched.revoked_tokens,
         );
+        for _ in 0..fetched.unparseable {
+            self.metrics
+                .rejected(keyfleet_core::RejectedKey::Unparseable);
+        }
         for (kid, why) in &rejected {
             self.metrics.rejected(*why);
             tracing::warn!(kid = %kid, why = why.as_str(), source = origin.as_str(), "published key left out by screening");
@@ -159,9 +163,17 @@ impl Store {
             audience: self.config.audience.clone(),
             leeway: self.config.leeway.as_secs() as i64,
             max_token_bytes: self.config.max_token_bytes,
-            max_lifetime: None,
+            max_lifetime: self.config.max_lifetime.map(|d| d.as_secs() as i64),
         });
         let version = keys.version;
+        let _change = tracing::info_span!(
+            "jwks.apply",
+            node_id = %self.config.node_id,
+            region = %self.config.region,
+            version,
+            source = origin.as_str(),
+        )
+        .entered();
         tracing::info!(
             version,
             keys = keys.len(),
@@ -259,6 +271,7 @@ impl Store {
                 .into_iter()
                 .map(|t| (t.jti, t.until))
                 .collect(),
+            unparseable: 0,
         };
         match self.install(fetched, Origin::Cache, record.fetched_at) {
             Ok(_) => {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use keyfleet_core::{Jwk, UnixSeconds};
 use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::{GetJwksRequest, JwksSnapshot};
-use tonic::transport::{Channel, Endpoint};
+use keyfleet_runtime::tls::ClientTls;
+use tonic::transport::Channel;
 
 use crate::config::Source;
 
@@ -23,6 +24,8 @@ pub(crate) struct Fetched {
     pub(crate) keys: Vec<Jwk>,
     pub(crate) revoked_kids: Vec<String>,
     pub(crate) revoked_tokens: Vec<(String, UnixSeconds)>,
+    /// JWKS entries that were not JWK objects at all (counted as rejected keys).
+    pub(crate) unparseable: usize,
 }
 
 impl From<JwksSnapshot> for Fetched {
@@ -49,6 +52,7 @@ impl From<JwksSnapshot> for Fetched {
                 .into_iter()
                 .map(|t| (t.jti, t.until))
                 .collect(),
+            unparseable: 0,
         }
     }
 }
@@ -65,7 +69,7 @@ pub(crate) enum FetchError {
     #[error("jwks document larger than {MAX_JWKS_BYTES} bytes")]
     TooLarge,
     #[error("jwks document is not valid json with a keys array")]
-    Parse(#[source] serde_json::Error),
+    Parse(#[source] keyfleet_core::JwksError),
     #[error("timed out after {FETCH_TIMEOUT:?}")]
     Timeout,
 }
@@ -83,10 +87,10 @@ pub(crate) enum Upstream {
 impl Upstream {
     /// Builds the client without connecting (the channel connects on first use and reconnects
     /// by itself). Needs a Tokio runtime.
-    pub(crate) fn new(source: &Source) -> anyhow::Result<Upstream> {
+    pub(crate) fn new(source: &Source, tls: &ClientTls) -> anyhow::Result<Upstream> {
         Ok(match source {
             Source::Authority { url } => {
-                let channel = Endpoint::from_shared(url.clone())
+                let channel = keyfleet_runtime::tls::endpoint(url, tls)
                     .map_err(|e| anyhow::anyhow!("bad authority url {url:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
@@ -99,6 +103,8 @@ impl Upstream {
                 let url = reqwest::Url::parse(url)
                     .map_err(|e| anyhow::anyhow!("bad jwks url {url:?}: {e}"))?;
                 let client = reqwest::Client::builder()
+                    .use_preconfigured_tls(tls.rustls_config()?)
+                    .https_only(url.scheme() == "https")
                     .timeout(FETCH_TIMEOUT)
                     .connect_timeout(Duration::from_secs(2))
                     .redirect(reqwest::redirect::Policy::none())
@@ -150,28 +156,19 @@ async fn fetch_http(client: &reqwest::Client, url: &reqwest::Url) -> Result<Fetc
     parse_jwks(&body)
 }
 
-/// Parses `{"keys":[...]}`, skipping entries that are not JWK objects at all (screening judges
-/// the rest).
+/// Parses `{"keys":[...]}` with keyfleet-core's hostile-input parser: entries that are not JWK
+/// objects are skipped and counted; screening judges the rest.
 pub(crate) fn parse_jwks(body: &[u8]) -> Result<Fetched, FetchError> {
-    #[derive(serde::Deserialize)]
-    struct Document {
-        keys: Vec<serde_json::Value>,
-    }
-    let doc: Document = serde_json::from_slice(body).map_err(FetchError::Parse)?;
-    let total = doc.keys.len();
-    let keys: Vec<Jwk> = doc
-        .keys
-        .into_iter()
-        .filter_map(|v| serde_json::from_value(v).ok())
-        .collect();
-    if keys.len() < total {
+    let doc = keyfleet_core::parse_jwks(body).map_err(FetchError::Parse)?;
+    if doc.unparseable > 0 {
         tracing::warn!(
-            skipped = total - keys.len(),
+            skipped = doc.unparseable,
             "jwks entries that are not JWK objects were skipped"
         );
     }
     Ok(Fetched {
-        keys,
+        keys: doc.keys,
+        unparseable: doc.unparseable,
         ..Fetched::default()
     })
 }

@@ -993,3 +993,6 @@ async fn readiness_health_and_metrics() {
     }
     node.stop().await;
 }
+
+mod hostile;
+mod observability;

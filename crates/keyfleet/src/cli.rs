@@ -61,8 +61,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a whole cluster on loopback (an authority and 3 verifiers), mint tokens, verify every
-    /// token on every node across a key rotation and a node restart, and print a summary.
+    /// Run a whole cluster on loopback (an authority and 3 verifiers) under a short load: tokens
+    /// verified on random nodes across key rotations and a node restart; prints a summary and
+    /// writes an HTML report.
     Demo(DemoArgs),
     /// Run the signing authority: owns the keys, mints tokens, publishes the JWKS.
     Authority(AuthorityArgs),
@@ -74,6 +75,9 @@ pub enum Command {
     /// Inspect and operate the key ring.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Load verifiers with Verify traffic (tokens of known verdicts, rotations, node kills) and
+    /// report throughput, latency, per-node spread and server cost. Exit 1 on any wrong verdict.
+    Loadtest(crate::loadtest::LoadtestArgs),
     /// Ask a server's gRPC health service; exit 0 when SERVING (for container health checks).
     Health {
         /// gRPC URL of the server.
@@ -82,6 +86,8 @@ pub enum Command {
         /// Service name to ask about (empty: the server as a whole).
         #[arg(long, default_value = "")]
         service: String,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
 }
 
@@ -90,9 +96,12 @@ pub struct DemoArgs {
     /// How many verifier nodes to start.
     #[arg(long, env = "KEYFLEET_VERIFIERS_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub verifiers: u16,
-    /// How many tokens to mint before and after the rotation.
+    /// How many legitimate tokens the load uses (fresh ones replace some as it runs).
     #[arg(long, env = "KEYFLEET_TOKENS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub tokens: u32,
+    /// Where to write the HTML report [default: keyfleet-demo-report.html in the temp dir].
+    #[arg(long, env = "KEYFLEET_REPORT_HTML")]
+    pub report_html: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +138,18 @@ pub struct AuthorityArgs {
     /// Or set KEYFLEET_KEK to the key itself.
     #[arg(long, env = "KEYFLEET_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// Serve admin RPCs (issue, rotate, revoke) over plaintext on a non-loopback listener.
+    /// Without it such a listener refuses them unless the caller is on this host.
+    #[arg(long, env = "KEYFLEET_INSECURE_ADMIN")]
+    pub insecure_admin: bool,
+    /// Key rotations/revocations and failed admin credentials allowed per second (bursts of twice that).
+    #[arg(long, env = "KEYFLEET_ADMIN_RATE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub admin_rate: u32,
+    /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight: u32,
 }
 
 #[derive(Debug, Args)]
@@ -181,17 +202,95 @@ pub struct VerifierArgs {
     /// Tokens longer than this are refused (TOO_LARGE) before any decoding.
     #[arg(long, env = "KEYFLEET_MAX_TOKEN_BYTES", default_value_t = 8192)]
     pub max_token_bytes: usize,
+    /// Refuse tokens meant to live longer than this (exp - iat, or exp - now without iat).
+    #[arg(long, env = "KEYFLEET_MAX_LIFETIME", value_parser = parse_duration)]
+    pub max_lifetime: Option<Duration>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// PEM CA bundle to trust for an https:// --authority or --jwks-url [default: the web PKI roots].
+    #[arg(long, env = "KEYFLEET_AUTHORITY_CA")]
+    pub authority_ca: Option<PathBuf>,
+    /// PEM client certificate presented to an https:// source that requires mutual TLS.
+    #[arg(
+        long,
+        env = "KEYFLEET_AUTHORITY_CLIENT_CERT",
+        requires = "authority_client_key"
+    )]
+    pub authority_client_cert: Option<PathBuf>,
+    /// PEM private key of --authority-client-cert.
+    #[arg(
+        long,
+        env = "KEYFLEET_AUTHORITY_CLIENT_KEY",
+        requires = "authority_client_cert"
+    )]
+    pub authority_client_key: Option<PathBuf>,
+    /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
+    #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct AuthorityConn {
-    /// gRPC URL of the authority.
+    /// gRPC URL of the authority (https:// for TLS).
     #[arg(
         long,
         env = "KEYFLEET_AUTHORITY",
         default_value = "http://127.0.0.1:7000"
     )]
     pub authority: String,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS of a server's listeners (gRPC and HTTP alike).
+#[derive(Debug, Args)]
+pub struct ServerTlsArgs {
+    /// PEM certificate chain (leaf first) to serve TLS on every listener; needs --tls-key.
+    #[arg(long, env = "KEYFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KEYFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate that chains to it (mutual TLS).
+    #[arg(long, env = "KEYFLEET_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    fn load(&self) -> anyhow::Result<Option<keyfleet_runtime::tls::ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        keyfleet_runtime::tls::ServerTls::from_files(cert, key, self.tls_client_ca.as_deref())
+            .map(Some)
+            .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))
+    }
+}
+
+/// What a client trusts and presents when it calls an https:// server.
+#[derive(Debug, Args, Default)]
+pub struct ClientTlsArgs {
+    /// PEM CA bundle to trust for https:// servers [default: the built-in web PKI roots].
+    #[arg(long, env = "KEYFLEET_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for servers that require mutual TLS; needs --tls-key.
+    #[arg(long, env = "KEYFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KEYFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    pub fn load(&self) -> anyhow::Result<keyfleet_runtime::tls::ClientTls> {
+        keyfleet_runtime::tls::ClientTls::from_files(
+            self.ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            "--ca",
+        )
+        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +334,8 @@ pub enum TokenCommand {
         /// Audience the token must carry.
         #[arg(long, env = "KEYFLEET_AUDIENCE")]
         audience: Option<String>,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
         /// The compact JWT, or - to read it from stdin.
         token: String,
     },
@@ -289,14 +390,25 @@ pub enum KeysCommand {
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let server = matches!(cli.command, Command::Authority(_) | Command::Verifier(_));
-    telemetry::init(cli.log_format, if server { "info" } else { "warn" });
+    let service = match cli.command {
+        Command::Authority(_) => "keyfleet-authority",
+        Command::Verifier(_) => "keyfleet-verifier",
+        _ => "keyfleet",
+    };
+    // Dropped when the command returns (after the servers drained): flushes OTLP export.
+    let _telemetry = telemetry::init(
+        cli.log_format,
+        if server { "info" } else { "warn" },
+        service,
+    );
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Authority(args) => run_authority(args).await,
         Command::Verifier(args) => run_verifier(args).await,
         Command::Token(cmd) => client::token(cmd).await,
         Command::Keys(cmd) => client::keys(cmd).await,
-        Command::Health { grpc, service } => client::health(&grpc, &service).await,
+        Command::Health { grpc, service, tls } => client::health(&grpc, &service, &tls).await,
+        Command::Loadtest(args) => crate::loadtest::run(args).await,
     }
 }
 
@@ -348,12 +460,18 @@ async fn run_authority(args: AuthorityArgs) -> anyhow::Result<ExitCode> {
         clock: Clock::system(),
         watcher_timeout: Duration::from_secs(30),
         tick_interval: Duration::from_secs(1),
+        tls: args.tls.load()?,
+        insecure_admin: args.insecure_admin,
+        admin_rate: args.admin_rate,
+        limits: keyfleet_runtime::limits::Limits {
+            max_inflight: args.max_inflight as usize,
+            ..Default::default()
+        },
     };
     let authority = keyfleet_authority::Authority::open(config)
         .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?;
     let grpc = bind(args.grpc_listen, "grpc").await?;
     let http = bind(args.http_listen, "http").await?;
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "authority listening");
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     authority.serve(grpc, http, shutdown).await?;
@@ -395,6 +513,19 @@ async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| format!("verifier-{}", args.grpc_listen.port())),
         region: args.region,
         max_token_bytes: args.max_token_bytes,
+        max_lifetime: args.max_lifetime,
+        tls: args.tls.load()?,
+        source_tls: keyfleet_runtime::tls::ClientTls::from_files(
+            args.authority_ca.as_deref(),
+            args.authority_client_cert.as_deref(),
+            args.authority_client_key.as_deref(),
+            "--authority-ca",
+        )
+        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?,
+        limits: keyfleet_runtime::limits::Limits {
+            max_inflight: args.max_inflight as usize,
+            ..Default::default()
+        },
         clock: Clock::system(),
     };
     let grpc = bind(args.grpc_listen, "grpc").await?;

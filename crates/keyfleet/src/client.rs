@@ -15,14 +15,22 @@ use keyfleet_proto::v1::{
 };
 use keyfleet_runtime::clock::system_now;
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::cli::{AdminCred, EXIT_CONFIG, EXIT_UNAVAILABLE, KeysCommand, TokenCommand, exit_with};
+use crate::cli::{
+    AdminCred, ClientTlsArgs, EXIT_CONFIG, EXIT_UNAVAILABLE, KeysCommand, TokenCommand, exit_with,
+};
 
-/// Connects to a gRPC server, explaining an unreachable one.
-pub async fn connect(url: &str, what: &str, flag: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+/// Connects to a gRPC server (over TLS for an https:// URL), explaining an unreachable one.
+pub async fn connect(
+    url: &str,
+    what: &str,
+    flag: &str,
+    tls: &ClientTlsArgs,
+) -> anyhow::Result<Channel> {
+    let tls = tls.load()?;
+    let endpoint = keyfleet_runtime::tls::endpoint(url, &tls)
         .map_err(|e| {
             exit_with(
                 EXIT_CONFIG,
@@ -143,8 +151,9 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|c| parse_claim(c))
                 .collect::<anyhow::Result<_>>()?;
-            let mut client =
-                AuthorityClient::new(connect(&conn.authority, "authority", "--authority").await?);
+            let mut client = AuthorityClient::new(
+                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
+            );
             let req = IssueTokenRequest {
                 subject,
                 audience,
@@ -161,6 +170,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
         TokenCommand::Verify {
             verifier,
             audience,
+            tls,
             token,
         } => {
             let token = if token == "-" {
@@ -173,7 +183,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 token
             };
             let mut client =
-                VerifierClient::new(connect(&verifier, "verifier", "--verifier").await?);
+                VerifierClient::new(connect(&verifier, "verifier", "--verifier", &tls).await?);
             let req = VerifyRequest {
                 token,
                 audience: audience.unwrap_or_default(),
@@ -213,8 +223,9 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
         } => {
             let token = admin_token(&cred)?;
             let until = parse_until(&until)?;
-            let mut client =
-                AuthorityClient::new(connect(&conn.authority, "authority", "--authority").await?);
+            let mut client = AuthorityClient::new(
+                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
+            );
             let resp = client
                 .revoke_token(with_admin(
                     RevokeTokenRequest {
@@ -237,8 +248,9 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         KeysCommand::List { conn, json } => {
-            let mut client =
-                AuthorityClient::new(connect(&conn.authority, "authority", "--authority").await?);
+            let mut client = AuthorityClient::new(
+                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
+            );
             let resp = client
                 .list_keys(ListKeysRequest {})
                 .await
@@ -258,8 +270,9 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
             timeout,
         } => {
             let token = admin_token(&cred)?;
-            let mut client =
-                AuthorityClient::new(connect(&conn.authority, "authority", "--authority").await?);
+            let mut client = AuthorityClient::new(
+                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
+            );
             let r = client
                 .rotate_keys(with_admin(RotateKeysRequest {}, &token)?)
                 .await
@@ -316,8 +329,9 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
         }
         KeysCommand::Revoke { conn, cred, kid } => {
             let token = admin_token(&cred)?;
-            let mut client =
-                AuthorityClient::new(connect(&conn.authority, "authority", "--authority").await?);
+            let mut client = AuthorityClient::new(
+                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
+            );
             let r = client
                 .revoke_key(with_admin(RevokeKeyRequest { kid }, &token)?)
                 .await
@@ -433,10 +447,11 @@ pub fn render_list(r: &ListKeysResponse) -> String {
 }
 
 /// `keyfleet health`: exit 0 when the server reports SERVING for `service`.
-pub async fn health(url: &str, service: &str) -> anyhow::Result<ExitCode> {
+pub async fn health(url: &str, service: &str, tls: &ClientTlsArgs) -> anyhow::Result<ExitCode> {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let mut client =
-        tonic_health::pb::health_client::HealthClient::new(connect(url, "server", "--grpc").await?);
+    let mut client = tonic_health::pb::health_client::HealthClient::new(
+        connect(url, "server", "--grpc", tls).await?,
+    );
     let r = client
         .check(tonic_health::pb::HealthCheckRequest {
             service: service.to_owned(),

@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod demo;
+mod loadtest;
 
 use std::process::ExitCode;
 

@@ -412,7 +412,18 @@ fn bad_input_gets_a_clear_answer() {
 
 #[test]
 fn demo_runs_and_exits_zero() {
-    let o = keyfleet(&["demo", "--tokens", "5"], None);
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("demo.html");
+    let o = keyfleet(
+        &[
+            "demo",
+            "--tokens",
+            "5",
+            "--report-html",
+            html.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(
         o.status.success(),
         "demo failed:\n{}\n{}",
@@ -425,6 +436,9 @@ fn demo_runs_and_exits_zero() {
         "{out}"
     );
     assert!(out.contains("wrong verdicts  0"), "{out}");
+    assert!(out.contains("HTML report"), "{out}");
+    let page = std::fs::read_to_string(&html).expect("the demo writes its HTML report");
+    assert!(page.contains("<svg") && page.contains("PASS"), "{page}");
 }
 
 /// SIGKILL the authority at many moments while it rotates and mints: every restart loads a
@@ -512,4 +526,159 @@ fn sigkill_during_rotations_leaves_a_consistent_ring() {
         .filter(|k| k["state"] == "active")
         .count();
     assert_eq!(active, 1, "{list}");
+}
+
+/// Writes a test CA, a server certificate for 127.0.0.1 and a client certificate (all made
+/// now with rcgen) into `dir`: ca.pem, server.pem, server.key, client.pem, client.key.
+fn write_pki(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    for (name, san, usage) in [
+        ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", "verifier-1", ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// The TLS flags end to end: an authority that requires client certificates, a verifier that
+/// follows it over mTLS (`--authority-ca`, `--authority-client-cert`) and serves TLS itself,
+/// and the CLI calling both with `--ca` (and `--tls-cert`/`--tls-key` for mTLS).
+#[test]
+fn tls_and_mutual_tls_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    write_pki(pki);
+    let f = |name: &str| pki.join(name).to_str().unwrap().to_owned();
+    let data = dir.path().join("authority");
+    let auth = spawn(&[
+        "authority",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--issuer",
+        "https://issuer.test",
+        "--tls-cert",
+        &f("server.pem"),
+        "--tls-key",
+        &f("server.key"),
+        "--tls-client-ca",
+        &f("ca.pem"),
+    ]);
+    let auth_url = auth.grpc.replace("http://", "https://");
+    let ver = spawn(&[
+        "verifier",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--authority",
+        &auth_url,
+        "--authority-ca",
+        &f("ca.pem"),
+        "--authority-client-cert",
+        &f("client.pem"),
+        "--authority-client-key",
+        &f("client.key"),
+        "--tls-cert",
+        &f("server.pem"),
+        "--tls-key",
+        &f("server.key"),
+        "--node-id",
+        "tls-1",
+    ]);
+    let ver_url = ver.grpc.replace("http://", "https://");
+    let admin = data.join("admin.token");
+    let issue_with = |extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "issue",
+            "--authority",
+            &auth_url,
+            "--subject",
+            "alice",
+            "--audience",
+            "orders",
+        ];
+        args.extend_from_slice(extra);
+        keyfleet(&args, Some(&admin))
+    };
+    let (ca, cert, key) = (f("ca.pem"), f("client.pem"), f("client.key"));
+    let o = issue_with(&["--ca", &ca, "--tls-cert", &cert, "--tls-key", &key]);
+    assert!(o.status.success(), "issue over mTLS: {}", stderr(&o));
+    let token = stdout(&o).trim().to_owned();
+
+    // Refused: no client certificate, plaintext to the TLS port, a CA the server is not from.
+    assert!(
+        !issue_with(&["--ca", &ca]).status.success(),
+        "no client cert"
+    );
+    let plain = keyfleet(
+        &[
+            "token",
+            "issue",
+            "--authority",
+            &auth.grpc,
+            "--subject",
+            "a",
+            "--audience",
+            "b",
+        ],
+        Some(&admin),
+    );
+    assert!(!plain.status.success(), "plaintext to a TLS listener");
+    assert!(
+        !issue_with(&["--tls-cert", &cert, "--tls-key", &key])
+            .status
+            .success(),
+        "server not trusted by the web PKI roots"
+    );
+
+    // The verifier learned the keys over mTLS and answers over TLS.
+    let (code, v) = eventually(30, "a valid verdict over TLS", || {
+        let o = keyfleet(
+            &[
+                "token",
+                "verify",
+                "--verifier",
+                &ver_url,
+                "--ca",
+                &ca,
+                "--audience",
+                "orders",
+                &token,
+            ],
+            None,
+        );
+        let v: Value = serde_json::from_str(&stdout(&o)).ok()?;
+        (v["valid"] == true).then(|| (o.status.code(), v))
+    });
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["node_id"], "tls-1");
+    let health = keyfleet(&["health", "--grpc", &ver_url, "--ca", &ca], None);
+    assert!(health.status.success(), "{}", stderr(&health));
+    assert!(
+        !keyfleet(&["health", "--grpc", &ver.grpc], None)
+            .status
+            .success()
+    );
 }
