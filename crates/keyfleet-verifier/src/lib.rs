@@ -12,8 +12,8 @@ mod upstream;
 
 pub use cache::DEFAULT_CACHE_ENTRIES;
 pub use config::{Config, ConfigError, Source};
-pub use node::MAX_BATCH;
 pub use keyfleet_runtime::CancellationToken;
+pub use node::MAX_BATCH;
 pub use node::Verifier;
 pub use store::CACHE_FILE;
 
