@@ -299,6 +299,11 @@ fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
         .with_context(|| format!("bad URL {url:?}"))?
         .connect_timeout(Duration::from_secs(1))
         .timeout(ATTEMPT_TIMEOUT)
+        // A killed node sends no reset: keepalive pings find the dead connection within ~2 s
+        // so the channel reconnects instead of sending every request into the void.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true))
 }
 
