@@ -127,6 +127,8 @@ pub struct LoadOptions {
     pub measure_cost: bool,
     /// Print a live progress line on stderr (when it is a terminal).
     pub progress: bool,
+    /// TLS for `https://` targets (CA to trust, client certificate for mutual TLS).
+    pub tls: keyfleet_runtime::tls::ClientTls,
 }
 
 impl Default for LoadOptions {
@@ -147,6 +149,7 @@ impl Default for LoadOptions {
             cache_entries: None,
             measure_cost: true,
             progress: true,
+            tls: keyfleet_runtime::tls::ClientTls::default(),
         }
     }
 }
@@ -294,8 +297,8 @@ impl Minter {
     }
 }
 
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    Ok(Endpoint::from_shared(url.to_owned())
+fn endpoint(url: &str, tls: &keyfleet_runtime::tls::ClientTls) -> anyhow::Result<Endpoint> {
+    Ok(keyfleet_runtime::tls::endpoint(url, tls)
         .with_context(|| format!("bad URL {url:?}"))?
         .connect_timeout(Duration::from_secs(1))
         .timeout(ATTEMPT_TIMEOUT)
@@ -317,7 +320,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
             verifiers,
             admin_token,
         } => {
-            let channel = endpoint(&authority)?.connect_lazy();
+            let channel = endpoint(&authority, &options.tls)?.connect_lazy();
             let minter = Minter {
                 client: AuthorityClient::new(channel),
                 admin_token,
@@ -378,7 +381,7 @@ async fn drive(
     for url in urls {
         let mut conns = Vec::new();
         for _ in 0..options.connections_per_node.max(1) {
-            let channel = endpoint(url)?.connect_lazy();
+            let channel = endpoint(url, &options.tls)?.connect_lazy();
             channels.push(channel.clone());
             conns.push(VerifierClient::new(channel));
         }

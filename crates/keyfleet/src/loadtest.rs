@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use keyfleet_loadtest::{Invalid, Load, LoadOptions, Pick, Target};
 use keyfleet_runtime::parse_duration;
 
-use crate::cli::{AdminCred, EXIT_CONFIG, exit_with};
+use crate::cli::{AdminCred, ClientTlsArgs, EXIT_CONFIG, exit_with};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum InvalidArg {
@@ -95,6 +95,8 @@ pub struct LoadtestArgs {
     pub report_html: Option<PathBuf>,
     #[command(flatten)]
     pub cred: AdminCred,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 impl LoadtestArgs {
@@ -146,6 +148,7 @@ impl LoadtestArgs {
             cache_entries: self.cache_entries,
             measure_cost: !self.no_cost,
             progress: true,
+            tls: self.tls.load()?,
         })
     }
 }

@@ -674,6 +674,50 @@ fn tls_and_mutual_tls_through_the_cli() {
     });
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["node_id"], "tls-1");
+    // The load generator takes the same TLS flags: it mints over mTLS and verifies over TLS.
+    let report = dir.path().join("report.json");
+    let o = keyfleet(
+        &[
+            "loadtest",
+            "--authority",
+            &auth_url,
+            "--verifiers",
+            &ver_url,
+            "--ca",
+            &ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--duration",
+            "2s",
+            "--concurrency",
+            "4",
+            "--tokens",
+            "20",
+            "--no-cost",
+            "--report-json",
+            report.to_str().unwrap(),
+        ],
+        Some(&admin),
+    );
+    assert!(
+        o.status.success(),
+        "loadtest over TLS: {}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(
+        (
+            r["false_rejects"].as_u64(),
+            r["false_accepts"].as_u64(),
+            r["errors"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "{r}"
+    );
     let health = keyfleet(&["health", "--grpc", &ver_url, "--ca", &ca], None);
     assert!(health.status.success(), "{}", stderr(&health));
     assert!(
