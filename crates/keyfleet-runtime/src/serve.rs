@@ -23,6 +23,9 @@ pub fn grpc_server_with(limits: &Limits) -> tonic::transport::Server {
         .timeout(limits.request_timeout)
         .max_concurrent_streams(Some(limits.max_streams_per_connection))
         .http2_max_header_list_size(Some(limits.max_header_bytes))
+        // Requests are small (a token is at most a few KiB): a small per-stream window means a
+        // client pushing a huge message gets refused after ~16 KiB instead of streaming it all.
+        .initial_stream_window_size(Some(16 * 1024))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
