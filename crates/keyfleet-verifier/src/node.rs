@@ -29,7 +29,7 @@ use crate::cache::{DEFAULT_CACHE_ENTRIES, VerifyCache};
 use crate::config::{Config, Source};
 use crate::gate::{self, Gate, Ticket};
 use crate::metrics::{Metrics, Origin};
-use crate::store::{Applied, Store};
+use crate::store::{Applied, Held, Store};
 use crate::upstream::{Fetched, Upstream};
 
 mod batch;
@@ -222,14 +222,8 @@ impl Verifier {
 
     async fn decide(&self, token: &str, audience: &str) -> Result<VerifyResponse, Status> {
         let store = &self.inner.store;
-        let held = store.current().ok_or_else(|| {
-            Status::unavailable("no key set yet: waiting for the first jwks from the source")
-        })?;
-        let Some(policy) = held.policy.as_ref() else {
-            return Err(Status::unavailable(
-                "no issuer known yet: the source named none and --issuer is not set",
-            ));
-        };
+        let held = usable(store)?;
+        let policy = policy_of(&held)?;
         if store.is_stale() {
             let refusal = Refusal {
                 reason: Reason::Unavailable,
@@ -507,6 +501,20 @@ async fn metrics_handler(State(node): State<Verifier>) -> impl IntoResponse {
 
 /// Puts the verdict on the RPC span: the reason, and the kid only when it names a key the
 /// node holds or revoked (a kid that matched nothing is attacker-chosen and unbounded).
+/// The key set in use, or why the node cannot answer at all (a gRPC error, not a verdict).
+fn usable(store: &Store) -> Result<Arc<Held>, Status> {
+    store.current().ok_or_else(|| {
+        Status::unavailable("no key set yet: waiting for the first jwks from the source")
+    })
+}
+
+/// The policy of `held`, or UNAVAILABLE while no issuer is known.
+fn policy_of(held: &Held) -> Result<&keyfleet_core::Policy, Status> {
+    held.policy.as_ref().ok_or_else(|| {
+        Status::unavailable("no issuer known yet: the source named none and --issuer is not set")
+    })
+}
+
 fn record_verdict(response: &VerifyResponse) {
     let span = tracing::Span::current();
     if span.is_disabled() {

@@ -15,7 +15,7 @@ use keyfleet_core::{KeySet, Policy, Reason, UnixSeconds, Verified, validate_with
 use keyfleet_proto::v1::{VerifyRequest, VerifyResponse};
 use tonic::Status;
 
-use super::{Inflight, Verifier};
+use super::{Inflight, Verifier, policy_of, usable};
 
 /// The most tokens one `VerifyBatch` may carry.
 pub const MAX_BATCH: usize = 1024;
@@ -137,14 +137,8 @@ impl Verifier {
         let metrics = &self.inner.metrics;
         let _inflight = Inflight::enter(metrics);
         let store = &self.inner.store;
-        let held = store.current().ok_or_else(|| {
-            Status::unavailable("no key set yet: waiting for the first jwks from the source")
-        })?;
-        let Some(policy) = held.policy.as_ref() else {
-            return Err(Status::unavailable(
-                "no issuer known yet: the source named none and --issuer is not set",
-            ));
-        };
+        let held = usable(store)?;
+        let policy = policy_of(&held)?;
         if store.is_stale() {
             // The single path answers UNAVAILABLE for each; so does the batch.
             let mut out = Vec::with_capacity(requests.len());
