@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     tick_interval: Duration,
     pub admin: AdminToken,
     store: Store,
+    /// The data directory's lock ([`Store::lock_dir`]), held as long as the authority lives.
+    _dir_lock: std::fs::File,
     /// The ring of record and its private keys; held across the write that persists a change,
     /// so memory never runs ahead of disk.
     state: tokio::sync::Mutex<Stored>,
@@ -95,6 +97,11 @@ impl Authority {
             ));
         }
         let store = Store::new(&config.data_dir, config.kek.clone());
+        // An existing data directory is locked before it is read; a new one once created.
+        let early_lock = match store.dir().is_dir() {
+            true => Some(store.lock_dir()?),
+            false => None,
+        };
         // Read and check everything before writing anything.
         let loaded = store.load()?;
         let admin = AdminToken::read(&config.admin_token_file)?;
@@ -109,6 +116,11 @@ impl Authority {
                 path: store.dir().to_owned(),
                 source,
             })?;
+        let (dir_lock, loaded) = match early_lock {
+            Some(lock) => (lock, loaded),
+            // Another authority may have created a ring before this one took the lock.
+            None => (store.lock_dir()?, store.load()?),
+        };
         let now = config.clock.now();
         let stored = match loaded {
             Some(mut stored) => {
@@ -164,6 +176,7 @@ impl Authority {
             tick_interval: config.tick_interval,
             admin,
             store,
+            _dir_lock: dir_lock,
             state: tokio::sync::Mutex::new(stored),
             signer: ArcSwap::from_pointee(Signer { kid: active, key }),
             snapshots: watch::Sender::new(snapshot),

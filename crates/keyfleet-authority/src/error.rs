@@ -18,6 +18,10 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the data directory {path} is in use by another keyfleet authority (it holds the directory's lock): stop that one first, or give this one its own --data-dir"
+    )]
+    Locked { path: PathBuf },
     #[error("cannot read the key ring {path}: {source}")]
     ReadRing {
         path: PathBuf,

@@ -100,6 +100,24 @@ impl Store {
         }
     }
 
+    /// Takes the data directory's exclusive lock — an advisory `flock` on the directory itself,
+    /// so no file is created — held until the returned handle is dropped (or the process dies).
+    /// Two authorities on one directory would each rotate and overwrite the other's ring.
+    pub(crate) fn lock_dir(&self) -> Result<std::fs::File, OpenError> {
+        let dir_error = |source| OpenError::DataDir {
+            path: self.dir.clone(),
+            source,
+        };
+        let handle = std::fs::File::open(&self.dir).map_err(dir_error)?;
+        match handle.try_lock() {
+            Ok(()) => Ok(handle),
+            Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
+                path: self.dir.clone(),
+            }),
+            Err(std::fs::TryLockError::Error(source)) => Err(dir_error(source)),
+        }
+    }
+
     /// Loads and fully checks the ring; `Ok(None)` when there is none yet. Never writes.
     pub(crate) fn load(&self) -> Result<Option<Stored>, OpenError> {
         let bytes = match fs::read(&self.path) {

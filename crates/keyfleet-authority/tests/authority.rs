@@ -260,6 +260,26 @@ async fn restart_publishes_the_same_keys_and_signs_with_the_same_key() {
 }
 
 #[test]
+fn one_data_dir_serves_one_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Authority::open(Config::for_test(dir.path())).unwrap();
+    let ring = std::fs::read(dir.path().join(KEYRING_FILE)).unwrap();
+    let err = Authority::open(Config::for_test(dir.path())).unwrap_err();
+    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("--data-dir"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join(KEYRING_FILE)).unwrap(),
+        ring,
+        "the refused authority wrote nothing"
+    );
+    // The lock goes with the first authority.
+    drop(first);
+    let second = Authority::open(Config::for_test(dir.path())).unwrap();
+    assert_eq!(std::fs::read(dir.path().join(KEYRING_FILE)).unwrap(), ring);
+    drop(second);
+}
+
+#[test]
 fn open_refuses_bad_state_without_touching_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::generate();
