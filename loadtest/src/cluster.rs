@@ -186,6 +186,10 @@ impl LocalCluster {
             node_id: name.clone(),
             region: region.clone(),
             max_token_bytes: 8192,
+            cache_entries: self
+                .options
+                .cache_entries
+                .unwrap_or(keyfleet_verifier::DEFAULT_CACHE_ENTRIES),
             clock: self.options.clock.clone(),
             ..keyfleet_verifier::Config::new(source)
         };
@@ -196,9 +200,6 @@ impl LocalCluster {
         let (g, h) = (grpc.local_addr()?, http.local_addr()?);
         let stop = CancellationToken::new();
         let verifier = keyfleet_verifier::Verifier::open(config).await?;
-        if let Some(entries) = self.options.cache_entries {
-            verifier.set_cache_capacity(entries);
-        }
         let serve = verifier.clone().serve(grpc, http, stop.clone());
         let task = match &self.options.runtime {
             Some(rt) => rt.spawn(serve),

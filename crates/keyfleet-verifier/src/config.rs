@@ -43,6 +43,8 @@ pub struct Config {
     pub max_stale: Duration,
     /// Where the last good key set is kept across restarts.
     pub cache_dir: Option<PathBuf>,
+    /// Bound of the verified-token cache, in answers (0 turns it off).
+    pub cache_entries: usize,
     pub node_id: String,
     pub region: String,
     /// Tokens longer than this are refused before any parsing.
@@ -70,6 +72,7 @@ impl Config {
             unknown_kid_cooldown: Duration::from_secs(5),
             max_stale: Duration::from_secs(24 * 60 * 60),
             cache_dir: None,
+            cache_entries: crate::cache::DEFAULT_CACHE_ENTRIES,
             node_id: "verifier".to_owned(),
             region: "default".to_owned(),
             max_token_bytes: 8 * 1024,

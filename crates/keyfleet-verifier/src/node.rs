@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use crate::cache::{DEFAULT_CACHE_ENTRIES, VerifyCache};
+use crate::cache::VerifyCache;
 use crate::config::{Config, Source};
 use crate::gate::{self, Gate, Ticket};
 use crate::metrics::{Metrics, Origin};
@@ -79,7 +79,7 @@ impl Verifier {
         let loader = store.clone();
         tokio::task::spawn_blocking(move || loader.load_cache()).await?;
         let gate = Gate::new(config.unknown_kid_cooldown);
-        let cache = VerifyCache::new(DEFAULT_CACHE_ENTRIES, metrics.cache.clone());
+        let cache = VerifyCache::new(config.cache_entries, metrics.cache.clone());
         Ok(Verifier {
             inner: Arc::new(Inner {
                 config,

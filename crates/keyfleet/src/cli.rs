@@ -193,6 +193,11 @@ pub struct VerifierArgs {
     /// Directory for the last good key set, so a restart during an authority outage serves at once.
     #[arg(long, env = "KEYFLEET_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Bound of the verified-token cache, in answers (~0.5–1 KiB each): a token seen again is
+    /// answered from it, re-checked against the current keys, revocations and its `exp`.
+    /// 0 turns it off.
+    #[arg(long, env = "KEYFLEET_CACHE_ENTRIES", default_value_t = keyfleet_verifier::DEFAULT_CACHE_ENTRIES)]
+    pub cache_entries: usize,
     /// This node's name, reported to the authority and in every answer. [default: verifier-<grpc port>]
     #[arg(long, env = "KEYFLEET_NODE_ID")]
     pub node_id: Option<String>,
@@ -508,6 +513,7 @@ async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
         unknown_kid_cooldown: args.unknown_kid_cooldown,
         max_stale: args.max_stale,
         cache_dir: args.cache_dir,
+        cache_entries: args.cache_entries,
         node_id: args
             .node_id
             .unwrap_or_else(|| format!("verifier-{}", args.grpc_listen.port())),

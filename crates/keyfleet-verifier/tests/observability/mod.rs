@@ -269,6 +269,30 @@ impl Node {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_entries_zero_checks_every_token() {
+    let a = key(1);
+    let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
+    let node = spawn_node(Config {
+        cache_entries: 0,
+        clock: Clock::manual(NOW),
+        ..Config::for_test(authority.source())
+    })
+    .await;
+    node.wait_ready().await;
+    let before = node.scrape().await;
+    for what in ["valid", "valid again", "and again"] {
+        check(&node, what, &token(&a, NOW), "", Reason::Ok).await;
+    }
+    let after = node.scrape().await;
+    assert_eq!(after.verdicts("OK") - before.verdicts("OK"), 3.0);
+    for name in ["keyfleet_cache_hits_total", "keyfleet_cache_entries"] {
+        assert_eq!(after.get(name, &[]), 0.0, "{name} with the cache off");
+    }
+    node.stop().await;
+    authority.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_verdicts_and_show_freshness() {
     let (a, stranger) = (key(1), key(9));
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
@@ -318,6 +342,12 @@ async fn metrics_count_verdicts_and_show_freshness() {
             - before.get("keyfleet_unknown_kid_total", &[]),
         1.0
     );
+    assert_eq!(
+        after.get("keyfleet_cache_hits_total", &[]) - before.get("keyfleet_cache_hits_total", &[]),
+        1.0,
+        "the valid token, asked again, is answered from the verified-token cache"
+    );
+    assert_eq!(after.get("keyfleet_cache_entries", &[]), 1.0);
     assert_eq!(
         after.get("keyfleet_verify_duration_seconds_count", &[])
             - before.get("keyfleet_verify_duration_seconds_count", &[]),
