@@ -11,6 +11,9 @@ use tonic::transport::Channel;
 
 use crate::config::Source;
 
+/// Largest key-set snapshot a node accepts. A full token deny list alone (100,000 `jti`s of up
+/// to 256 bytes) is ~27 MB, past tonic's 4 MiB default.
+const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// How long one fetch may take.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest JWKS document accepted over HTTP.
@@ -97,7 +100,9 @@ impl Upstream {
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy();
-                Upstream::Authority(AuthorityClient::new(channel))
+                Upstream::Authority(
+                    AuthorityClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES),
+                )
             }
             Source::JwksUrl { url } => {
                 let url = reqwest::Url::parse(url)

@@ -453,6 +453,33 @@ fn tampered_header(header: serde_json::Value, rest_of: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
+/// The authority caps the token deny list at 100,000 entries with `jti`s of up to 256 bytes:
+/// a snapshot that full (~27 MB, far past tonic's 4 MiB default) still reaches a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_deny_list_reaches_the_node() {
+    let a = key(1);
+    let mut snap = snapshot(1, &[&a]);
+    snap.revoked_tokens = (0..100_000)
+        .map(|i| pb::RevokedToken {
+            jti: format!("{i:0>256}"),
+            until: NOW + 3600,
+        })
+        .collect();
+    snap.revoked_tokens[99_999].jti = "jti-1".into();
+    assert!(prost::Message::encoded_len(&snap) > 25_000_000);
+    let authority = FakeAuthority::start(snap).await;
+    let node = spawn_node(Config {
+        clock: Clock::manual(NOW),
+        ..Config::for_test(authority.source())
+    })
+    .await;
+    node.wait_ready().await;
+    // `token` carries jti-1, the last entry of the list.
+    check(&node, "denied", &token(&a, NOW), "", Reason::TokenRevoked).await;
+    node.stop().await;
+    authority.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verdicts_for_good_and_bad_tokens() {
     let (a, b, revoked, stranger) = (key(1), key(2), key(3), key(4));
