@@ -10,7 +10,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keyfleet_core::ring::TickOutcome;
 use keyfleet_core::token::REGISTERED_CLAIMS;
-use keyfleet_core::{KeyRing, KeyState, RingError, RingPolicy, TokenClaims, UnixSeconds};
+use keyfleet_core::{
+    KeyRecord, KeyRing, KeyState, RingError, RingPolicy, TokenClaims, UnixSeconds,
+};
 use keyfleet_proto::v1 as pb;
 use keyfleet_runtime::{CancellationToken, Clock};
 use serde_json::Value;
@@ -569,33 +571,21 @@ impl Shared {
         let now = self.clock.now();
         let state = self.state.lock().await;
         let ring = &state.ring;
-        let mut keys: Vec<pb::KeyInfo> = ring
-            .keys
-            .iter()
-            .map(|k| pb::KeyInfo {
-                kid: k.kid.clone(),
-                state: proto_state(k.state) as i32,
-                created_at: k.created_at,
-                published_at: k.published_at,
-                activated_at: k.activated_at.unwrap_or(0),
-                deactivated_at: k.deactivated_at.unwrap_or(0),
-                retire_at: k.retire_at.unwrap_or(0),
-                revoked_at: k.revoked_at.unwrap_or(0),
-                published_version: k.published_version,
-            })
-            .collect();
+        let mut keys: Vec<pb::KeyInfo> = ring.keys.iter().map(key_info).collect();
         let retention = ring.policy.retention();
-        keys.extend(
-            ring.revoked_kids
-                .iter()
-                .map(|(kid, forget_at)| pb::KeyInfo {
+        keys.extend(ring.revoked_kids.iter().map(|(kid, forget_at)| {
+            match ring.revoked_records.get(kid) {
+                Some(k) => key_info(k),
+                // A ring written before revoked records were kept knows only the kid and when:
+                // it remembers a revoked kid for exactly `retention` after its revocation.
+                None => pb::KeyInfo {
                     kid: kid.clone(),
                     state: pb::KeyState::Revoked as i32,
-                    // The ring remembers a revoked kid for exactly `retention` after its revocation.
                     revoked_at: forget_at - retention,
                     ..pb::KeyInfo::default()
-                }),
-        );
+                },
+            }
+        }));
         pb::ListKeysResponse {
             keys,
             watchers: self.lock_watchers().list(),
@@ -625,6 +615,20 @@ fn ensure_next(work: &mut Stored, now: UnixSeconds) -> Result<(), ServiceError> 
         work.keys.insert(kid, secret);
     }
     Ok(())
+}
+
+fn key_info(k: &KeyRecord) -> pb::KeyInfo {
+    pb::KeyInfo {
+        kid: k.kid.clone(),
+        state: proto_state(k.state) as i32,
+        created_at: k.created_at,
+        published_at: k.published_at,
+        activated_at: k.activated_at.unwrap_or(0),
+        deactivated_at: k.deactivated_at.unwrap_or(0),
+        retire_at: k.retire_at.unwrap_or(0),
+        revoked_at: k.revoked_at.unwrap_or(0),
+        published_version: k.published_version,
+    }
 }
 
 fn proto_state(state: KeyState) -> pb::KeyState {

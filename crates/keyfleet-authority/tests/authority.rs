@@ -804,6 +804,14 @@ async fn revocation_takes_effect_at_once() {
         (entry.state, entry.revoked_at),
         (pb::KeyState::Revoked as i32, START)
     );
+    assert!(
+        entry.created_at > 0 && entry.published_at > 0 && entry.activated_at > 0,
+        "a revoked key keeps its history: {entry:?}"
+    );
+    assert_eq!(
+        entry.deactivated_at, START,
+        "it signed until its revocation"
+    );
     // The watcher without a name is listed under its address.
     assert!(
         listed

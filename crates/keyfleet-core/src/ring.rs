@@ -166,6 +166,11 @@ pub struct KeyRing {
     pub keys: Vec<KeyRecord>,
     /// Revoked kid → when it can be forgotten (its tokens have all expired by then).
     pub revoked_kids: BTreeMap<String, UnixSeconds>,
+    /// What a revoked key's record said when it was revoked (state `revoked`), for `ListKeys`;
+    /// history only, forgotten with its entry in `revoked_kids`. Rings written before it existed
+    /// have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revoked_records: BTreeMap<String, KeyRecord>,
     /// Revoked jti → until when it is denied.
     pub revoked_tokens: BTreeMap<String, UnixSeconds>,
     /// A rotation was asked for and waits for the next key to be safe to promote.
@@ -188,6 +193,7 @@ impl KeyRing {
             version: 1,
             keys: Vec::new(),
             revoked_kids: BTreeMap::new(),
+            revoked_records: BTreeMap::new(),
             revoked_tokens: BTreeMap::new(),
             rotation_pending: false,
             rotations: 0,
@@ -231,6 +237,16 @@ impl KeyRing {
         kids.sort_unstable();
         if kids.windows(2).any(|w| w[0] == w[1]) {
             return Err(RingError::Inconsistent("a kid appears twice".into()));
+        }
+        let stray = self.revoked_records.iter().find(|(kid, record)| {
+            !self.revoked_kids.contains_key(*kid)
+                || record.kid != **kid
+                || record.state != KeyState::Revoked
+        });
+        if let Some((kid, _)) = stray {
+            return Err(RingError::Inconsistent(format!(
+                "the revoked record of {kid:?} does not match the revoked kids"
+            )));
         }
         Ok(())
     }
@@ -346,6 +362,8 @@ impl KeyRing {
         });
         let before_deny = self.revoked_kids.len() + self.revoked_tokens.len();
         self.revoked_kids.retain(|_, forget_at| now < *forget_at);
+        let kept = &self.revoked_kids;
+        self.revoked_records.retain(|kid, _| kept.contains_key(kid));
         let leeway = self.policy.leeway;
         self.revoked_tokens
             .retain(|_, until| now <= *until + leeway);
@@ -402,6 +420,12 @@ impl KeyRing {
         if state == KeyState::Active {
             // Promote first so exactly one key stays active, then drop the old one below.
             destroyed = vec![self.promote(now)];
+        }
+        if let Some(mut record) = self.get(kid).cloned() {
+            record.state = KeyState::Revoked;
+            record.revoked_at = Some(now);
+            record.retire_at = None;
+            self.revoked_records.insert(kid.to_owned(), record);
         }
         self.keys.retain(|k| k.kid != kid);
         // Its tokens live at most token_ttl from now; remember the kid that long (and leeway).

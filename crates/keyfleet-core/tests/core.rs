@@ -438,6 +438,22 @@ fn revocation_of_the_active_key_promotes_next_at_once() {
     assert!(ring.revoked_kids.contains_key(&key(1).1));
     assert!(!ring.jwks().iter().any(|j| j.kid == key(1).1));
     ring.check().unwrap();
+    // Its history stays readable: when it was made and how long it signed.
+    let record = &ring.revoked_records[&key(1).1];
+    assert_eq!(record.state, KeyState::Revoked);
+    assert_eq!(
+        (
+            record.created_at,
+            record.activated_at,
+            record.deactivated_at
+        ),
+        (NOW, Some(NOW), Some(NOW + 5))
+    );
+    assert_eq!((record.revoked_at, record.retire_at), (Some(NOW + 5), None));
+    // A record without its revoked kid is an inconsistent ring.
+    let mut stray = ring.clone();
+    stray.revoked_kids.clear();
+    assert!(matches!(stray.check(), Err(RingError::Inconsistent(_))));
     // No next key now: revoking the active one again needs one published first.
     assert_eq!(
         ring.revoke_key(&key(2).1, NOW + 6),
@@ -455,6 +471,8 @@ fn revocation_of_the_active_key_promotes_next_at_once() {
     ring.add_next(new_key(3), NOW + 6).unwrap();
     ring.tick(NOW + 5 + 360, None);
     assert!(!ring.revoked_kids.contains_key(&key(1).1));
+    assert!(ring.revoked_records.is_empty(), "forgotten with the kid");
+    ring.check().unwrap();
 }
 
 #[test]

@@ -415,7 +415,9 @@ pub fn render_list(r: &ListKeysResponse) -> String {
             k.published_version,
             ago(r.now, k.activated_at),
             ago(r.now, k.deactivated_at),
-            if k.retire_at > 0 {
+            if k.revoked_at > 0 {
+                format!("revoked {}", ago(r.now, k.revoked_at))
+            } else if k.retire_at > 0 {
                 ago(r.now, k.retire_at)
             } else {
                 "-".into()

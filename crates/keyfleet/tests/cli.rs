@@ -315,6 +315,27 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
     for node in &nodes {
         assert_eq!(verify(node, &token3).0, 0);
     }
+
+    // Emergency revocation of the signing key: it stays listed, with its history.
+    let o = keyfleet(
+        &["keys", "revoke", &after, "--authority", &auth.grpc],
+        Some(&admin),
+    );
+    assert!(o.status.success(), "revoke: {}", stderr(&o));
+    let table = stdout(&keyfleet(
+        &["keys", "list", "--authority", &auth.grpc],
+        None,
+    ));
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&after))
+        .unwrap_or_else(|| panic!("the revoked key is listed: {table}"));
+    assert!(line.contains("revoked"), "{line}");
+    assert_eq!(
+        line.matches("s ago").count(),
+        3,
+        "activated, deactivated and revoked times: {line}"
+    );
 }
 
 #[test]
