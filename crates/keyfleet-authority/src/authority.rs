@@ -99,15 +99,7 @@ impl Authority {
             ));
         }
         let store = Store::new(&config.data_dir, config.kek.clone());
-        // An existing data directory is locked before it is read; a new one once created.
-        let early_lock = match store.dir().is_dir() {
-            true => Some(store.lock_dir()?),
-            false => None,
-        };
-        // Read and check everything before writing anything.
-        let loaded = store.load()?;
-        let admin = AdminToken::read(&config.admin_token_file)?;
-
+        // The directory (created when missing, a no-op otherwise) is locked before it is read.
         let mut builder = std::fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
@@ -118,11 +110,10 @@ impl Authority {
                 path: store.dir().to_owned(),
                 source,
             })?;
-        let (dir_lock, loaded) = match early_lock {
-            Some(lock) => (lock, loaded),
-            // Another authority may have created a ring before this one took the lock.
-            None => (store.lock_dir()?, store.load()?),
-        };
+        let dir_lock = store.lock_dir()?;
+        // Read and check everything before writing anything.
+        let loaded = store.load()?;
+        let admin = AdminToken::read(&config.admin_token_file)?;
         let now = config.clock.now();
         let stored = match loaded {
             Some(mut stored) => {
