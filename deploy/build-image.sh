@@ -53,6 +53,9 @@ fi
 context=$target_dir/docker-context
 rm -rf "$context"
 mkdir -p "$context/state"
+# The servers refuse a data or cache dir that group or others can write: never let a umask of
+# 002 leak into the image's state directories.
+chmod 0700 "$context/state"
 cp -R "$root/deploy/docker/rootfs" "$context/rootfs"
 cp "$root/deploy/docker/Dockerfile" "$context/Dockerfile"
 cp "$binary" "$context/keyfleet"

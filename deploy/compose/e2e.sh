@@ -149,7 +149,7 @@ admin=(--authority http://127.0.0.1:7000 --admin-token-file /run/secrets/admin_t
 mint() { kf_exec authority token issue "${admin[@]}" --subject "$1" --audience e2e --ttl 9m; }
 verify_on() { kf_exec "$1" token verify --verifier http://127.0.0.1:7100 --audience e2e "$2" >/dev/null 2>&1; }
 active_kid() {
-    kf_exec authority keys list --authority http://127.0.0.1:7000 --json \
+    kf_exec authority keys list "${admin[@]}" --json \
         | python3 -c 'import json,sys; print(next(k["kid"] for k in json.load(sys.stdin)["keys"] if k["state"] == "active"))'
 }
 rotate() {

@@ -124,11 +124,28 @@ def check_region(objs, region, with_authority):
           f"{region}: {'exactly one authority' if with_authority else 'no authority'} expected, found {len(sets)}")
     verifier = config(objs, "keyfleet-verifier")
     check(verifier.get("KEYFLEET_REGION") == region, f"{region}: verifiers labelled {verifier.get('KEYFLEET_REGION')}")
+    # A verifier without an audience policy (or with both) refuses to start.
+    has_audience = bool(verifier.get("KEYFLEET_AUDIENCE", "").strip(", "))
+    # As clap reads a flag's variable: anything but a false literal is true.
+    any_audience = verifier.get("KEYFLEET_ANY_AUDIENCE", "false").strip().lower() not in (
+        "", "n", "no", "f", "false", "off", "0")
+    check(has_audience != any_audience,
+          f"{region}: verifiers need exactly one of KEYFLEET_AUDIENCE and KEYFLEET_ANY_AUDIENCE=true")
     if with_authority:
         secrets = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].startswith("keyfleet-authority")]
-        check(len(secrets) == 1 and set(secrets[0].get("data", {})) == {"kek", "admin-token"},
-              f"{region}: Secret keyfleet-authority with kek and admin-token")
-    else:
+        check(len(secrets) == 1 and set(secrets[0].get("data", {})) == {"kek", "admin-token", "node-token"},
+              f"{region}: Secret keyfleet-authority with kek, admin-token and node-token")
+    # Every verifier sends the fleet credential (or the authority refuses its watch stream).
+    fleet = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].startswith("keyfleet-node-token")]
+    check(len(fleet) == 1 and set(fleet[0].get("data", {})) == {"node-token"},
+          f"{region}: Secret keyfleet-node-token with node-token")
+    for w in workloads(objs):
+        if w["kind"] != "Deployment":
+            continue
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            check(any(a.startswith("--node-token-file=") for a in c.get("args", [])),
+                  f"{region}: {name(w)} container {c['name']} needs --node-token-file")
+    if not with_authority:
         check("keyfleet-authority:" not in verifier.get("KEYFLEET_AUTHORITY", "keyfleet-authority:"),
               f"{region}: verifiers must point at region a's authority, not a local one")
 

@@ -70,7 +70,7 @@ trap 'rm -rf "$out"' EXIT
 # A copy of the tree, with throwaway secrets for the region-a overlay's secretGenerator (the
 # real ones, if any, are never read).
 cp -R "$here" "$out/k8s"
-rm -rf "$out/k8s/overlays/region-a/secrets"
+rm -rf "$out/k8s/overlays/region-a/secrets" "$out/k8s/overlays/region-b/secrets"
 "$out/k8s/make-secrets.sh" >/dev/null
 
 rendered=()

@@ -65,6 +65,7 @@ fn node(c: &mut Criterion) {
     let (cluster, tokens) = servers.block_on(async {
         let cluster = LocalCluster::start(ClusterOptions {
             verifiers: 1,
+            audiences: vec!["orders".into()],
             ..ClusterOptions::default()
         })
         .await

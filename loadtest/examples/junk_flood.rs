@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
             verifiers: 1,
             runtime: Some(server.handle().clone()),
             cache_entries: Some(0),
+            audiences: vec!["flood".into()],
             ..ClusterOptions::default()
         };
         let cluster = LocalCluster::start(options).await?;

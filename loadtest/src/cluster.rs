@@ -28,6 +28,9 @@ pub struct ClusterOptions {
     pub runtime: Option<tokio::runtime::Handle>,
     /// The verifiers' verified-token cache bound; the node default when `None`.
     pub cache_entries: Option<usize>,
+    /// The audiences the verifiers guard (`--audience`): a token must name one of them. Empty
+    /// gives them `--any-audience`.
+    pub audiences: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +48,8 @@ impl Default for ClusterOptions {
             clock: Clock::system(),
             runtime: None,
             cache_entries: None,
+            // The load generator's default audience (`keyfleet loadtest --audience`).
+            audiences: vec!["loadtest".into()],
         }
     }
 }
@@ -135,6 +140,7 @@ impl LocalCluster {
             data_dir: data_dir.clone(),
             issuer: options.issuer.clone(),
             admin_token_file: data_dir.join("admin.token"),
+            node_token_file: data_dir.join(keyfleet_authority::NODE_TOKEN_FILE),
             policy: options.policy,
             kek: None,
             clock: options.clock.clone(),
@@ -177,12 +183,15 @@ impl LocalCluster {
         let config = keyfleet_verifier::Config {
             source: source.clone(),
             issuer: None,
-            audience: None,
+            audiences: self.options.audiences.clone(),
+            any_audience: self.options.audiences.is_empty(),
             leeway: Duration::from_secs(self.options.policy.leeway as u64),
             refresh_interval: Duration::from_secs(30),
             unknown_kid_cooldown: Duration::from_secs(1),
             max_stale: Duration::from_secs(3600),
             cache_dir: Some(self.dir.path().join(&name)),
+            // The fleet credential the authority wrote on its first start.
+            node_token_file: Some(self.node_token_file()),
             node_id: name.clone(),
             region: region.clone(),
             max_token_bytes: 8192,
@@ -252,6 +261,14 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The authority's fleet credential file (verifiers send its token on WatchJwks/GetJwks).
+    pub fn node_token_file(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join("authority")
+            .join(keyfleet_authority::NODE_TOKEN_FILE)
+    }
+
     pub fn verifier_urls(&self) -> Vec<String> {
         self.verifiers.iter().map(Node::grpc_url).collect()
     }
@@ -296,7 +313,10 @@ impl LocalCluster {
             .into_inner();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let list = client.list_keys(ListKeysRequest {}).await?.into_inner();
+            let list = client
+                .list_keys(self.admin(ListKeysRequest {}))
+                .await?
+                .into_inner();
             let active = list
                 .keys
                 .iter()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
-use keyfleet_core::{TokenClaims, sign_token};
+use keyfleet_core::{TokenClaims, escape_untrusted, sign_token};
 use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::verifier_client::VerifierClient;
 use keyfleet_proto::v1::{
@@ -278,7 +278,10 @@ impl Minter {
             .into_inner();
         let deadline = Instant::now() + timeout;
         loop {
-            let list = client.list_keys(ListKeysRequest {}).await?.into_inner();
+            let list = client
+                .list_keys(self.admin(ListKeysRequest {}))
+                .await?
+                .into_inner();
             if list
                 .keys
                 .iter()
@@ -344,6 +347,8 @@ async fn run_local(options: LoadOptions, verifiers: usize) -> anyhow::Result<Rep
         verifiers,
         runtime: Some(runtime.handle().clone()),
         cache_entries: options.cache_entries,
+        // The nodes guard the audience the load mints for; its wrong-audience tokens must fail.
+        audiences: vec![options.audience.clone()],
         ..ClusterOptions::default()
     };
     // A short leeway, so tokens minted with a 1 s lifetime are surely EXPIRED within seconds.
@@ -669,11 +674,12 @@ fn judge(b: &mut Bucket, token: &PoolToken, r: &VerifyResponse) {
         Expect::Valid if r.valid => b.spread.push((token.id, r.node_id.clone())),
         Expect::Valid => {
             b.false_rejects += 1;
-            tracing::warn!(node = %r.node_id, reason = ?r.reason(), detail = %r.detail, "false reject");
+            // The node id and detail come from the server: escaped, they cannot forge a line.
+            tracing::warn!(node = %escape_untrusted(&r.node_id), reason = ?r.reason(), detail = %escape_untrusted(&r.detail), "false reject");
         }
         Expect::Refused(_) if r.valid => {
             b.false_accepts += 1;
-            tracing::warn!(node = %r.node_id, "false accept");
+            tracing::warn!(node = %escape_untrusted(&r.node_id), "false accept");
         }
         Expect::Refused(want) if r.reason() != want => b.wrong_reasons += 1,
         Expect::Refused(_) => {}

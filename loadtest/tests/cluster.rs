@@ -2,6 +2,8 @@
 //! continuous verification on random nodes while keys rotate, revocation reaching every node,
 //! and the fleet verifying through an authority outage.
 
+mod attack;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,6 +25,14 @@ async fn verify_on(url: &str, token: &str) -> VerifyResponse {
     .await
     .unwrap()
     .into_inner()
+}
+
+/// The default cluster, its verifiers guarding the audience these tests mint for.
+fn orders() -> ClusterOptions {
+    ClusterOptions {
+        audiences: vec!["orders".into()],
+        ..ClusterOptions::default()
+    }
 }
 
 /// Polls until every node gives `want` for `token`; returns how long it took.
@@ -55,7 +65,7 @@ async fn rotations_under_load_cost_no_false_rejects() {
     let cluster = Arc::new(
         LocalCluster::start(ClusterOptions {
             verifiers: 3,
-            ..ClusterOptions::default()
+            ..orders()
         })
         .await
         .unwrap(),
@@ -145,9 +155,7 @@ async fn rotations_under_load_cost_no_false_rejects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_reach_every_node_within_two_seconds() {
     keyfleet_runtime::telemetry::test_init();
-    let cluster = LocalCluster::start(ClusterOptions::default())
-        .await
-        .unwrap();
+    let cluster = LocalCluster::start(orders()).await.unwrap();
     let mut authority = cluster.authority_client().await.unwrap();
 
     // One token denied by jti.
@@ -196,9 +204,7 @@ async fn revocations_reach_every_node_within_two_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_keeps_verifying_through_an_authority_outage() {
     keyfleet_runtime::telemetry::test_init();
-    let mut cluster = LocalCluster::start(ClusterOptions::default())
-        .await
-        .unwrap();
+    let mut cluster = LocalCluster::start(orders()).await.unwrap();
     let before = cluster.issue("dave", "orders").await.unwrap();
     until_everywhere(&cluster, &before.token, Reason::Ok, Duration::from_secs(5)).await;
     let jwks_before = cluster
@@ -343,7 +349,7 @@ async fn cache_and_batch_answers_equal_the_plain_path() {
     keyfleet_runtime::telemetry::test_init();
     let cluster = LocalCluster::start(ClusterOptions {
         verifiers: 2,
-        ..ClusterOptions::default()
+        ..orders()
     })
     .await
     .unwrap();
@@ -480,4 +486,63 @@ async fn until_on(url: &str, token: &str, want: Reason) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The local cluster passes the fleet credential: every verifier watches under its own name and
+/// region and acknowledges the published version. A killed node's name is held until its old
+/// stream is gone (no other stream can take a live name); the revived node keeps retrying and
+/// gets it back, and the rotation gate counts it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_watches_with_the_fleet_credential_and_a_revived_node_gets_its_name_back() {
+    use keyfleet_proto::v1::{ListKeysRequest, ListKeysResponse};
+
+    async fn listed(cluster: &LocalCluster) -> ListKeysResponse {
+        let mut client = cluster.authority_client().await.unwrap();
+        client
+            .list_keys(cluster.admin(ListKeysRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+    /// Waits until every verifier of `cluster` is connected and holds the published version.
+    async fn until_all_acked(cluster: &LocalCluster) -> ListKeysResponse {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let list = listed(cluster).await;
+            let acked = cluster
+                .verifiers
+                .iter()
+                .filter(|node| {
+                    list.watchers.iter().any(|w| {
+                        w.node_id == node.name
+                            && w.region == node.region
+                            && w.connected
+                            && w.acked_version == list.version
+                    })
+                })
+                .count();
+            if acked == cluster.verifiers.len() {
+                return list;
+            }
+            assert!(Instant::now() < deadline, "{:?}", list.watchers);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    let mut cluster = LocalCluster::start(orders()).await.unwrap();
+    let before = until_all_acked(&cluster).await;
+    assert_eq!(before.watchers.len(), 3, "{:?}", before.watchers);
+    cluster.kill_verifier(0);
+    // Its ports are free once the aborted server has let go of them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = cluster.revive_verifier(0).await {
+        assert!(Instant::now() < deadline, "cannot revive verifier-1: {e}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The fleet rotates with the revived node among it, and it acknowledges the new version.
+    cluster.rotate(Duration::from_secs(30)).await.unwrap();
+    let after = until_all_acked(&cluster).await;
+    assert!(after.version > before.version);
+    assert_eq!(after.watchers.len(), 3, "{:?}", after.watchers);
+    cluster.shutdown().await.unwrap();
 }

@@ -26,7 +26,7 @@ use crate::error::{OpenError, ServiceError};
 use crate::guard::AdminGuard;
 use crate::metrics::{Metrics, Trigger};
 use crate::store::{SecretKey, Store, Stored, write_atomic};
-use crate::watchers::Watchers;
+use crate::watchers::{Slots, Watchers};
 use crate::{Config, grpc, http};
 
 /// Verifiers refuse longer tokens (keyfleet_core's default `max_token_bytes`).
@@ -66,6 +66,10 @@ pub(crate) struct Shared {
     pub watcher_timeout: Duration,
     tick_interval: Duration,
     pub admin: AdminToken,
+    /// The fleet credential (`WatchJwks`, `GetJwks` with deny lists).
+    pub node: AdminToken,
+    /// The caps on open watch streams.
+    pub slots: Slots,
     store: Store,
     /// The data directory's lock ([`Store::lock_dir`]), held as long as the authority lives.
     _dir_lock: std::fs::File,
@@ -113,7 +117,22 @@ impl Authority {
         let dir_lock = store.lock_dir()?;
         // Read and check everything before writing anything.
         let loaded = store.load()?;
+        if config.admin_token_file == config.node_token_file {
+            return Err(OpenError::SameTokens);
+        }
         let admin = AdminToken::read(&config.admin_token_file)?;
+        let node = AdminToken::read(&config.node_token_file)
+            .map_err(|e| OpenError::NodeToken(Box::new(e)))?;
+        if let (Some(admin), Some(node)) = (&admin, &node)
+            && admin.expose() == node.expose()
+        {
+            return Err(OpenError::SameTokens);
+        }
+        if config.max_watchers == 0 || config.max_watchers_per_peer == 0 {
+            return Err(OpenError::Config(
+                "--max-watchers and the per-peer cap must be at least 1".into(),
+            ));
+        }
         let now = config.clock.now();
         let stored = match loaded {
             Some(mut stored) => {
@@ -151,6 +170,15 @@ impl Authority {
                 admin
             }
         };
+        let node = match node {
+            Some(node) => node,
+            None => {
+                let node = AdminToken::create(&config.node_token_file)
+                    .map_err(|e| OpenError::NodeToken(Box::new(e)))?;
+                info!(path = %config.node_token_file.display(), "created the fleet credential (node token) file: give it to the verifiers with --node-token-file");
+                node
+            }
+        };
 
         let active = stored.ring.active().kid.clone();
         let key = stored
@@ -168,6 +196,8 @@ impl Authority {
             watcher_timeout: config.watcher_timeout,
             tick_interval: config.tick_interval,
             admin,
+            node,
+            slots: Slots::new(config.max_watchers, config.max_watchers_per_peer),
             store,
             _dir_lock: dir_lock,
             state: tokio::sync::Mutex::new(stored),
@@ -194,6 +224,11 @@ impl Authority {
         self.shared.admin.expose().to_owned()
     }
 
+    /// The fleet credential verifiers send (for the demo and tests).
+    pub fn node_token(&self) -> String {
+        self.shared.node.expose().to_owned()
+    }
+
     /// Serves gRPC on `grpc` and HTTP on `http` and runs the key lifecycle until `shutdown` is
     /// cancelled; then ends every watch stream, drains both servers and returns.
     pub async fn serve(
@@ -217,7 +252,10 @@ impl Authority {
         }
         let service = grpc::AuthorityService::new(shared.clone(), stop.clone(), guard);
         let (routes, _health) = keyfleet_runtime::serve::with_health_and_reflection(
-            Routes::new(pb::authority_server::AuthorityServer::new(service)),
+            Routes::new(
+                pb::authority_server::AuthorityServer::new(service)
+                    .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
+            ),
             "keyfleet.v1.Authority",
         )
         .await?;

@@ -48,20 +48,36 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "cannot read or create the admin token file {path}: {source}: check --admin-token-file"
-    )]
+    #[error("cannot read or create the token file {path}: {source}")]
     AdminToken {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     #[error(
-        "the admin token file {path} is empty: write a token into it, or delete it to have one generated"
+        "the token file {path} is empty: delete it to have a token generated, or write at least 32 random bytes into it"
     )]
     EmptyAdminToken { path: PathBuf },
+    /// Guessing is made hopeless by length (failed guesses are rate-limited per peer, but the
+    /// right credential is never refused because of them).
+    #[error(
+        "the token file {path} holds a {len}-byte token, too short to resist guessing (at least {min} bytes are needed): delete it to have a new one generated, or write at least {min} random bytes into it (e.g. `(umask 077; openssl rand -hex 32 > {path})`)",
+        path = .path.display(),
+        min = crate::admin::MIN_TOKEN_BYTES
+    )]
+    ShortToken { path: PathBuf, len: usize },
+    /// The data dir, the key ring, a token file or the KEK file is open to other users, owned
+    /// by another user, or a symbolic link; the message says what to run.
+    #[error(transparent)]
+    Insecure(#[from] keyfleet_runtime::secure_fs::SecureFsError),
     #[error("the system random number generator failed: {0}")]
     Random(getrandom::Error),
+    #[error("the fleet credential (--node-token-file, default <data-dir>/node.token): {0}")]
+    NodeToken(#[source] Box<OpenError>),
+    #[error(
+        "the fleet credential (--node-token-file) and the admin credential (--admin-token-file) hold the same token: verifiers would hold admin power; give each its own file (delete one to have it generated)"
+    )]
+    SameTokens,
 }
 
 /// Why a request failed; turned into a `Status` only by the `From` impl below.
@@ -85,8 +101,29 @@ pub(crate) enum ServiceError {
         "admin calls are refused over plaintext on a non-loopback listener: give the authority --tls-cert/--tls-key (or --insecure-admin), or call it from its own host"
     )]
     AdminNeedsTls,
-    #[error("too many admin calls or failed credentials: retry in a moment")]
+    #[error("too many key-management calls (--admin-rate): retry in a moment")]
     RateLimited,
+    #[error(
+        "watching the JWKS (and its deny lists) needs the fleet credential: send `authorization: Bearer <token>` with the authority's node token (<data-dir>/node.token, or its --node-token-file); a verifier takes it from --node-token-file"
+    )]
+    NodeUnauthenticated,
+    #[error(
+        "too many failed credentials from this address: wait a few seconds, then retry with the right token"
+    )]
+    TooManyFailures,
+    #[error("{0}: retry later")]
+    WatchersFull(String),
+    #[error(
+        "node id {0:?} is held by a live watch stream: give every verifier its own --node-id (a restarted node gets its id back once the old stream is gone, within 15s)"
+    )]
+    NodeIdTaken(String),
+    #[error(
+        "the client certificate names no node: give it a DNS subjectAltName of 1 to 128 characters from A-Z a-z 0-9 . _ : -"
+    )]
+    CertificateNamesNoNode,
+    /// A transport-level refusal (a message over the size limit, a broken stream), passed on.
+    #[error("{}", .0.message())]
+    Status(Status),
 }
 
 impl From<ServiceError> for Status {
@@ -105,7 +142,13 @@ impl From<ServiceError> for Status {
             }
             ServiceError::Persist(_) | ServiceError::ShuttingDown => Status::unavailable(message),
             ServiceError::AdminNeedsTls => Status::failed_precondition(message),
-            ServiceError::RateLimited => Status::resource_exhausted(message),
+            ServiceError::RateLimited
+            | ServiceError::TooManyFailures
+            | ServiceError::WatchersFull(_) => Status::resource_exhausted(message),
+            ServiceError::NodeUnauthenticated => Status::unauthenticated(message),
+            ServiceError::NodeIdTaken(_) => Status::already_exists(message),
+            ServiceError::CertificateNamesNoNode => Status::permission_denied(message),
+            ServiceError::Status(status) => status,
         }
     }
 }
@@ -135,6 +178,14 @@ mod tests {
             ),
             (ServiceError::AdminNeedsTls, Code::FailedPrecondition),
             (ServiceError::RateLimited, Code::ResourceExhausted),
+            (ServiceError::TooManyFailures, Code::ResourceExhausted),
+            (
+                ServiceError::WatchersFull("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (ServiceError::NodeUnauthenticated, Code::Unauthenticated),
+            (ServiceError::NodeIdTaken("n".into()), Code::AlreadyExists),
+            (ServiceError::CertificateNamesNoNode, Code::PermissionDenied),
         ];
         for (err, code) in cases {
             let status = Status::from(err);

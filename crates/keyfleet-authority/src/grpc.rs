@@ -1,19 +1,34 @@
-//! The `keyfleet.v1.Authority` gRPC service: admin checks, then the shared state's operations;
-//! and the `WatchJwks` push stream with its acknowledgements.
+//! The `keyfleet.v1.Authority` gRPC service: credential checks (the admin token for admin
+//! calls, the fleet's node token for `WatchJwks` and the deny lists of `GetJwks`), then the
+//! shared state's operations; and the `WatchJwks` push stream with its acknowledgements.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use keyfleet_core::{escape_untrusted, is_valid_label};
 use keyfleet_proto::v1 as pb;
 use keyfleet_runtime::CancellationToken;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::CertificateDer;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use crate::admin::AdminToken;
 use crate::authority::Shared;
 use crate::error::ServiceError;
-use crate::guard::AdminGuard;
-use crate::watchers::bounded;
+use crate::guard::{AdminGuard, Verdict};
+use crate::metrics::Credential;
+use crate::watchers::{Full, Slot};
+
+/// Largest message the authority decodes. Its requests are small (a hello, an ack, a token
+/// request under the 8 KiB token limit); a bigger one is refused before it costs memory.
+pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// A watch stream must name itself this soon, or it is dropped (and its slot freed).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Characters of an untrusted string shown in a log line.
+const LOGGED_CHARS: usize = 64;
 
 pub(crate) struct AuthorityService {
     shared: Arc<Shared>,
@@ -25,10 +40,23 @@ pub(crate) struct AuthorityService {
 /// What an admin call does, for the rate limit.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Admin {
-    /// `IssueToken`: the minting path, bounded by load shedding only.
-    Mint,
-    /// Key and deny-list changes: rate-limited.
+    /// `IssueToken` and `ListKeys`: bounded by load shedding only.
+    Unmetered,
+    /// Key and deny-list changes: the authenticated callers' `--admin-rate` budget.
     Manage,
+}
+
+fn authorization<T>(request: &Request<T>) -> Option<&[u8]> {
+    request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.as_bytes())
+}
+
+/// At most [`LOGGED_CHARS`] of `text`, escaped, for a log line.
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(LOGGED_CHARS).collect();
+    escape_untrusted(&cut).into_owned()
 }
 
 impl AuthorityService {
@@ -44,36 +72,183 @@ impl AuthorityService {
         }
     }
 
-    /// Transport rule, rate limit, then the credential (compared in constant time). A failed
-    /// credential costs a token from the same bucket, so guessing is rate-limited too.
-    fn authorize<T>(&self, request: &Request<T>, kind: Admin) -> Result<(), ServiceError> {
+    /// Checks `token` against the call's `authorization`, in constant time. A failure is
+    /// charged to the peer's own failure budget (never to anyone else's, and never to the
+    /// key-management budget); past it the peer gets `RESOURCE_EXHAUSTED`. The right credential
+    /// is accepted whatever the address failed before.
+    fn credential<T>(
+        &self,
+        request: &Request<T>,
+        token: &AdminToken,
+        which: Credential,
+        rpc: &'static str,
+    ) -> Result<(), ServiceError> {
+        let peer = request.remote_addr();
+        let accepted = token.accepts(authorization(request));
+        match self.guard.judge(accepted, peer) {
+            Verdict::Accepted => Ok(()),
+            Verdict::Refused => {
+                self.shared.metrics.auth_failed(which, false);
+                warn!(peer = %peer_name(peer), rpc, credential = which.as_str(), "credential refused");
+                Err(match which {
+                    Credential::Admin => ServiceError::Unauthenticated,
+                    Credential::Node => ServiceError::NodeUnauthenticated,
+                })
+            }
+            Verdict::TooManyFailures => {
+                self.shared.metrics.auth_failed(which, true);
+                Err(ServiceError::TooManyFailures)
+            }
+        }
+    }
+
+    /// Transport rule, the admin credential, then (for key management) the authenticated
+    /// callers' rate.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        kind: Admin,
+        rpc: &'static str,
+    ) -> Result<(), ServiceError> {
         if !self.guard.transport_ok(request.remote_addr()) {
             return Err(ServiceError::AdminNeedsTls);
         }
-        if kind == Admin::Manage && !self.guard.take() {
+        self.credential(request, &self.shared.admin, Credential::Admin, rpc)?;
+        if kind == Admin::Manage && !self.guard.take_manage() {
             return Err(ServiceError::RateLimited);
         }
-        let value = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes());
-        if self.shared.admin.accepts(value) {
-            Ok(())
-        } else if kind == Admin::Mint && !self.guard.take() {
-            Err(ServiceError::RateLimited)
-        } else {
-            Err(ServiceError::Unauthenticated)
-        }
+        Ok(())
     }
+
+    /// Everything `WatchJwks` checks before the stream starts: the fleet credential, a slot
+    /// under the caps, the hello within [`HELLO_TIMEOUT`], valid labels, and a node id no live
+    /// stream holds. With mutual TLS the node id is the client certificate's, not the hello's.
+    async fn admit(
+        &self,
+        request: Request<Streaming<pb::WatchJwksRequest>>,
+    ) -> Result<Admitted, ServiceError> {
+        self.credential(&request, &self.shared.node, Credential::Node, "WatchJwks")?;
+        let peer = request.remote_addr();
+        let certified = match request.peer_certs() {
+            Some(certs) if !certs.is_empty() => {
+                Some(certified_node_id(&certs).ok_or(ServiceError::CertificateNamesNoNode)?)
+            }
+            _ => None,
+        };
+        let slot = self
+            .shared
+            .slots
+            .take(peer.map(|p| p.ip()))
+            .map_err(|full| {
+                self.shared.metrics.watch_refused("full");
+                warn!(peer = %peer_name(peer), ?full, "watch stream refused: too many watchers");
+                ServiceError::WatchersFull(match full {
+                    Full::Total(n) => {
+                        format!("the authority serves at most {n} watch streams (--max-watchers)")
+                    }
+                    Full::Peer(n) => format!(
+                        "this address already has {n} watch streams open (--max-watchers-per-peer)"
+                    ),
+                })
+            })?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(hello))) => hello,
+            Ok(Ok(None)) | Err(_) => {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "watch stream: send the hello (node_id, region, acked_version) as the first message, within {}s",
+                    HELLO_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(status)) => {
+                self.shared.metrics.watch_refused("bad_hello");
+                debug!(peer = %peer_name(peer), code = ?status.code(), "watch hello unreadable");
+                return Err(ServiceError::Status(status));
+            }
+        };
+        if !is_valid_label(&hello.region) {
+            self.shared.metrics.watch_refused("bad_hello");
+            warn!(peer = %peer_name(peer), region = %shown(&hello.region), "watch refused: bad region");
+            return Err(ServiceError::InvalidArgument(
+                "watch hello: region must be 1 to 128 characters from A-Z a-z 0-9 . _ : -".into(),
+            ));
+        }
+        let by_certificate = certified.is_some();
+        let node_id = match certified {
+            Some(name) => {
+                if !hello.node_id.is_empty() && hello.node_id != name {
+                    debug!(certificate = %name, hello = %shown(&hello.node_id), "the client certificate names the node; the hello's node id is ignored");
+                }
+                name
+            }
+            None if is_valid_label(&hello.node_id) => hello.node_id,
+            None => {
+                self.shared.metrics.watch_refused("bad_hello");
+                warn!(peer = %peer_name(peer), node_id = %shown(&hello.node_id), "watch refused: bad node id");
+                return Err(ServiceError::InvalidArgument(
+                    "watch hello: node_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - (the verifier's --node-id)".into(),
+                ));
+            }
+        };
+        let snapshots = self.shared.snapshots.subscribe();
+        let newest = snapshots.borrow().version;
+        let acked = hello.acked_version.min(newest);
+        let now = self.shared.clock.now();
+        let conn = self
+            .shared
+            .lock_watchers()
+            .connect(&node_id, &hello.region, acked, now);
+        let Some(conn) = conn else {
+            self.shared.metrics.watch_refused("node_id_taken");
+            warn!(peer = %peer_name(peer), node_id = %node_id, "watch refused: a live stream holds this node id");
+            return Err(ServiceError::NodeIdTaken(node_id));
+        };
+        info!(node_id = %node_id, region = %hello.region, peer = %peer_name(peer), by_certificate, "watcher connected");
+        self.shared.kick.notify_one();
+        Ok(Admitted {
+            inbound,
+            snapshots,
+            me: (node_id, conn),
+            slot,
+        })
+    }
+}
+
+/// A peer address for a log line.
+fn peer_name(peer: Option<SocketAddr>) -> String {
+    peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+}
+
+/// The node a client certificate names: its first DNS subjectAltName, when that is a valid
+/// node id. The certificate has already been verified against `--tls-client-ca`.
+fn certified_node_id(certs: &[CertificateDer<'static>]) -> Option<String> {
+    let leaf = webpki::EndEntityCert::try_from(certs.first()?).ok()?;
+    let name = leaf.valid_dns_names().next()?;
+    is_valid_label(name).then(|| name.to_owned())
+}
+
+/// A watch stream that passed [`AuthorityService::admit`].
+struct Admitted {
+    inbound: Streaming<pb::WatchJwksRequest>,
+    snapshots: tokio::sync::watch::Receiver<Arc<pb::JwksSnapshot>>,
+    me: (String, u64),
+    slot: Slot,
 }
 
 #[tonic::async_trait]
 impl pb::authority_server::Authority for AuthorityService {
+    /// Public keys for anyone; the deny lists (`revoked_kids`, `revoked_tokens`) only with the
+    /// fleet credential. A wrong credential is refused rather than quietly served less.
     async fn get_jwks(
         &self,
-        _: Request<pb::GetJwksRequest>,
+        request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::JwksSnapshot>, Status> {
-        Ok(Response::new((*self.shared.current()).clone()))
+        let current = self.shared.current();
+        if authorization(&request).is_none() {
+            return Ok(Response::new(public(&current)));
+        }
+        self.credential(&request, &self.shared.node, Credential::Node, "GetJwks")?;
+        Ok(Response::new((*current).clone()))
     }
 
     type WatchJwksStream = ReceiverStream<Result<pb::JwksSnapshot, Status>>;
@@ -82,17 +257,9 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<Streaming<pb::WatchJwksRequest>>,
     ) -> Result<Response<Self::WatchJwksStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let admitted = self.admit(request).await?;
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(watch(
-            self.shared.clone(),
-            self.stop.clone(),
-            request.into_inner(),
-            peer,
-            tx,
-        ));
+        tokio::spawn(watch(self.shared.clone(), self.stop.clone(), admitted, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -100,7 +267,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
-        self.authorize(&request, Admin::Mint)?;
+        self.authorize(&request, Admin::Unmetered, "IssueToken")?;
         Ok(Response::new(
             self.shared.issue_token(request.into_inner())?,
         ))
@@ -110,7 +277,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::RotateKeysRequest>,
     ) -> Result<Response<pb::RotateKeysResponse>, Status> {
-        self.authorize(&request, Admin::Manage)?;
+        self.authorize(&request, Admin::Manage, "RotateKeys")?;
         Ok(Response::new(self.shared.rotate().await?))
     }
 
@@ -118,7 +285,7 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        self.authorize(&request, Admin::Manage)?;
+        self.authorize(&request, Admin::Manage, "RevokeKey")?;
         Ok(Response::new(
             self.shared.revoke_key(request.into_inner().kid).await?,
         ))
@@ -128,36 +295,58 @@ impl pb::authority_server::Authority for AuthorityService {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        self.authorize(&request, Admin::Manage)?;
+        self.authorize(&request, Admin::Manage, "RevokeToken")?;
         let req = request.into_inner();
         Ok(Response::new(
             self.shared.revoke_token(req.jti, req.until).await?,
         ))
     }
 
+    /// Needs the admin credential: it shows the fleet (node ids, regions, addresses of trust)
+    /// and the rotation schedule.
     async fn list_keys(
         &self,
-        _: Request<pb::ListKeysRequest>,
+        request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        self.authorize(&request, Admin::Unmetered, "ListKeys")?;
         Ok(Response::new(self.shared.list_keys().await))
     }
 }
 
-/// Drives one watch stream: pushes the current snapshot at once and the latest one after every
-/// change (a slow reader gets only the newest, never a backlog), and records the watcher's name
-/// and acknowledgements. Ends when the client goes away or on shutdown.
+/// `snapshot` without its deny lists, as anyone may read it (like the HTTP JWKS). A revoked
+/// kid is already absent from `keys`.
+fn public(snapshot: &pb::JwksSnapshot) -> pb::JwksSnapshot {
+    pb::JwksSnapshot {
+        version: snapshot.version,
+        issuer: snapshot.issuer.clone(),
+        keys: snapshot.keys.clone(),
+        revoked_kids: Vec::new(),
+        revoked_tokens: Vec::new(),
+        active_kid: snapshot.active_kid.clone(),
+        generated_at: snapshot.generated_at,
+    }
+}
+
+/// Drives one admitted watch stream: pushes the current snapshot at once and the latest one
+/// after every change (a slow reader gets only the newest, never a backlog), and records the
+/// watcher's acknowledgements and heartbeats. Ends when the client goes away or on shutdown;
+/// the stream's slot is freed with it.
 async fn watch(
     shared: Arc<Shared>,
     stop: CancellationToken,
-    mut inbound: Streaming<pb::WatchJwksRequest>,
-    peer: String,
+    admitted: Admitted,
     tx: mpsc::Sender<Result<pb::JwksSnapshot, Status>>,
 ) {
-    let mut snapshots = shared.snapshots.subscribe();
+    let Admitted {
+        mut inbound,
+        mut snapshots,
+        me,
+        slot: _slot,
+    } = admitted;
+    let mut me = Some(me);
     let mut pending = Some(snapshots.borrow_and_update().clone());
     // The newest version queued for this client: an ack beyond it is not believed.
     let mut newest = pending.as_ref().map_or(0, |s| s.version);
-    let mut me: Option<(String, u64)> = None;
     // A client that half-closes still gets snapshots, but can no longer hold back promotions.
     let mut inbound_open = true;
     loop {
@@ -187,19 +376,9 @@ async fn watch(
                     Err(_) => break,
                 };
                 let acked = message.acked_version.min(newest);
-                let now = shared.clock.now();
-                match &me {
-                    None => {
-                        let node_id = if message.node_id.is_empty() { peer.as_str() } else { bounded(&message.node_id) };
-                        let region = bounded(&message.region);
-                        let conn = shared.lock_watchers().connect(node_id, region, acked, now);
-                        info!(node_id, region, peer = %peer, "watcher connected");
-                        me = Some((node_id.to_owned(), conn));
-                    }
-                    Some((node_id, conn)) => {
-                        debug!(node_id = %node_id, acked, "watcher acknowledged");
-                        shared.lock_watchers().ack(node_id, *conn, acked, now);
-                    }
+                if let Some((node_id, conn)) = &me {
+                    debug!(node_id = %node_id, acked, "watcher acknowledged");
+                    shared.lock_watchers().ack(node_id, *conn, acked, shared.clock.now());
                 }
                 shared.kick.notify_one();
             }

@@ -34,6 +34,9 @@ pub enum KekError {
     },
     #[error("the system random number generator failed: {0}")]
     Random(getrandom::Error),
+    /// Another user owns or can change the file, or it is a link someone other than root made.
+    #[error(transparent)]
+    Insecure(#[from] keyfleet_runtime::secure_fs::SecureFsError),
 }
 
 impl Kek {
@@ -57,13 +60,19 @@ impl Kek {
         Err(KekError::Format)
     }
 
-    /// Reads and parses a KEK file.
+    /// Reads and parses a KEK file, which must be as private as the key ring it opens: ours
+    /// and 0600 or stricter, or owned by root and writable by nobody else (a mounted secret);
+    /// never a link another user made (see `keyfleet_runtime::secure_fs::open_secret`).
     pub fn from_file(path: &Path) -> Result<Kek, KekError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KekError::Read {
+        let read_error = |source| KekError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        let text = Zeroizing::new(text);
+        };
+        let mut file = keyfleet_runtime::secure_fs::open_secret(path, "key-encryption key file")?
+            .ok_or_else(|| read_error(std::io::ErrorKind::NotFound.into()))?;
+        let mut text = Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut std::io::Read::take(&mut file, 64 * 1024), &mut text)
+            .map_err(read_error)?;
         Kek::parse(&text).map_err(|e| KekError::File {
             path: path.to_owned(),
             source: Box::new(e),
@@ -168,6 +177,34 @@ mod tests {
         ] {
             assert!(matches!(Kek::parse(bad), Err(KekError::Format)), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn kek_files_must_be_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        let kek = Kek::generate();
+        std::fs::write(&path, kek.to_hex()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Kek::from_file(&path).unwrap_err();
+        assert!(matches!(err, KekError::Insecure(_)), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "key-encryption key file {} is readable or writable by group or others (mode 0644): run chmod 600",
+                path.display()
+            )),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(Kek::from_file(&path).unwrap().to_hex(), kek.to_hex());
+        if keyfleet_runtime::secure_fs::euid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+            let err = Kek::from_file(&path).unwrap_err();
+            assert!(err.to_string().contains("is owned by uid 65534"), "{err}");
+        }
+        let missing = Kek::from_file(&dir.path().join("missing")).unwrap_err();
+        assert!(matches!(missing, KekError::Read { .. }), "{missing}");
     }
 
     #[test]

@@ -29,6 +29,15 @@ pub use error::OpenError;
 pub use kek::{Kek, KekError};
 pub use store::KEYRING_FILE;
 
+/// The fleet credential's file name in the data directory (unless `--node-token-file`).
+pub const NODE_TOKEN_FILE: &str = "node.token";
+/// `--max-watchers`: open `WatchJwks` streams the authority serves at most.
+pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
+/// Open `WatchJwks` streams one peer address may hold. A tenth of the overall cap: enough for a
+/// large region behind one NAT address, while one address (a leaked fleet credential, a
+/// runaway client) cannot take every slot.
+pub const DEFAULT_MAX_WATCHERS_PER_PEER: usize = 1_000;
+
 /// The authority's configuration, validated by [`Authority::open`].
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -38,6 +47,13 @@ pub struct Config {
     pub issuer: String,
     /// The admin bearer token; created (mode 0600, random) when missing.
     pub admin_token_file: PathBuf,
+    /// The fleet credential verifiers send on `WatchJwks` and `GetJwks`; created (mode 0600,
+    /// random) when missing. Must differ from the admin token.
+    pub node_token_file: PathBuf,
+    /// Open watch streams served at most (`--max-watchers`).
+    pub max_watchers: usize,
+    /// Open watch streams one peer address may hold.
+    pub max_watchers_per_peer: usize,
     pub policy: RingPolicy,
     /// When set, private keys are sealed at rest with it.
     pub kek: Option<Kek>,
@@ -50,8 +66,8 @@ pub struct Config {
     pub tls: Option<ServerTls>,
     /// Serve admin RPCs over plaintext on a non-loopback listener anyway.
     pub insecure_admin: bool,
-    /// Key-management calls (and failed admin credentials) allowed per second; bursts of twice
-    /// that.
+    /// Key-management calls by authenticated callers allowed per second; bursts of twice that.
+    /// Failed credentials have budgets of their own, per peer.
     pub admin_rate: u32,
     /// gRPC transport limits and load shedding.
     pub limits: Limits,
@@ -65,6 +81,9 @@ impl Config {
             data_dir: data_dir.to_owned(),
             issuer: "keyfleet".into(),
             admin_token_file: data_dir.join("admin.token"),
+            node_token_file: data_dir.join(NODE_TOKEN_FILE),
+            max_watchers: DEFAULT_MAX_WATCHERS,
+            max_watchers_per_peer: DEFAULT_MAX_WATCHERS_PER_PEER,
             policy: RingPolicy {
                 token_ttl: 15 * 60,
                 leeway: 60,
@@ -83,7 +102,8 @@ impl Config {
     }
 
     /// A configuration for tests: the system clock, fast ticks, a 2s publish-ahead, a 60s token
-    /// TTL, and the admin token file inside `data_dir`.
+    /// TTL, the token files inside `data_dir`, and a generous admin rate (tests that are about
+    /// the rate set their own).
     pub fn for_test(data_dir: &Path) -> Config {
         Config {
             policy: RingPolicy {

@@ -1,4 +1,5 @@
-//! The authority's Prometheus metrics. Every label is bounded (key states, rotation triggers).
+//! The authority's Prometheus metrics. Every label is bounded (key states, rotation triggers,
+//! credentials, refusal reasons).
 
 use std::time::Duration;
 
@@ -41,6 +42,36 @@ struct TriggerLabel {
     trigger: &'static str,
 }
 
+/// Which credential a call presented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// The admin token (admin calls and `ListKeys`).
+    Admin,
+    /// The fleet's node token (`WatchJwks`, `GetJwks` with deny lists).
+    Node,
+}
+
+impl Credential {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Credential::Admin => "admin",
+            Credential::Node => "node",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabel {
+    credential: &'static str,
+    /// `refused` (UNAUTHENTICATED) or `limited` (past the peer's failure budget).
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 #[derive(Debug)]
 pub(crate) struct Metrics {
     registry: Registry,
@@ -55,6 +86,8 @@ pub(crate) struct Metrics {
     pub persist_failures: Counter,
     /// Requests refused by load shedding (`RESOURCE_EXHAUSTED`).
     pub shed: Counter,
+    auth_failures: Family<AuthLabel, Counter>,
+    watch_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -116,6 +149,18 @@ impl Metrics {
             "Requests refused with RESOURCE_EXHAUSTED because the authority was overloaded",
             shed.clone(),
         );
+        let auth_failures = Family::<AuthLabel, Counter>::default();
+        registry.register(
+            "keyfleet_auth_failures",
+            "Calls with a wrong or missing credential, by credential and outcome (refused, or limited past the peer's failure budget)",
+            auth_failures.clone(),
+        );
+        let watch_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "keyfleet_watch_refused",
+            "Authenticated WatchJwks streams refused, by reason (full, bad_hello, node_id_taken)",
+            watch_refused.clone(),
+        );
         for trigger in Trigger::ALL {
             let _ = rotations.get_or_create(&TriggerLabel {
                 trigger: trigger.as_str(),
@@ -133,7 +178,24 @@ impl Metrics {
             next_rotation,
             persist_failures,
             shed,
+            auth_failures,
+            watch_refused,
         }
+    }
+
+    pub(crate) fn auth_failed(&self, credential: Credential, limited: bool) {
+        self.auth_failures
+            .get_or_create(&AuthLabel {
+                credential: credential.as_str(),
+                outcome: if limited { "limited" } else { "refused" },
+            })
+            .inc();
+    }
+
+    pub(crate) fn watch_refused(&self, reason: &'static str) {
+        self.watch_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Refreshes the gauges that describe the ring.

@@ -3,10 +3,13 @@
 //! when one is configured. Every write replaces the whole file atomically (write a temporary
 //! file, fsync, rename over, fsync the directory), so a crash at any point leaves either the old
 //! or the new ring, never a mix.
+//!
+//! Another local user must neither read the seeds nor slip a key in: the data directory must be
+//! ours and closed to writers, the ring file ours, 0600 and not a link, and the temporary file
+//! gets a fresh random name, created exclusively without following links (`secure_fs`).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -14,6 +17,7 @@ use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::SigningKey;
 use keyfleet_core::jwk::thumbprint;
 use keyfleet_core::{KeyRing, NewKey};
+use keyfleet_runtime::secure_fs;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -22,7 +26,6 @@ use crate::kek::Kek;
 
 /// File name of the key ring inside the data directory.
 pub const KEYRING_FILE: &str = "keyring.json";
-const TMP_SUFFIX: &str = ".tmp";
 const FORMAT: u32 = 1;
 
 /// An Ed25519 private key. No `Debug` of the key material, no `Serialize`; wiped on drop by
@@ -103,12 +106,15 @@ impl Store {
     /// Takes the data directory's exclusive lock — an advisory `flock` on the directory itself,
     /// so no file is created — held until the returned handle is dropped (or the process dies).
     /// Two authorities on one directory would each rotate and overwrite the other's ring.
+    /// Refuses first a directory another user owns or can write (they could swap the ring or
+    /// plant links in it); the check is on the opened handle, the directory locked.
     pub(crate) fn lock_dir(&self) -> Result<std::fs::File, OpenError> {
         let dir_error = |source| OpenError::DataDir {
             path: self.dir.clone(),
             source,
         };
         let handle = std::fs::File::open(&self.dir).map_err(dir_error)?;
+        secure_fs::check_dir_handle(&handle, "data dir", &self.dir)?;
         match handle.try_lock() {
             Ok(()) => Ok(handle),
             Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
@@ -119,17 +125,17 @@ impl Store {
     }
 
     /// Loads and fully checks the ring; `Ok(None)` when there is none yet. Never writes.
+    /// Refuses a ring file that is a link, not ours, or readable by anyone else.
     pub(crate) fn load(&self) -> Result<Option<Stored>, OpenError> {
-        let bytes = match fs::read(&self.path) {
-            Ok(bytes) => Zeroizing::new(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(OpenError::ReadRing {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
+        let Some(mut file) = secure_fs::open_private(&self.path, "key ring")? else {
+            return Ok(None);
         };
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.read_to_end(&mut bytes)
+            .map_err(|source| OpenError::ReadRing {
+                path: self.path.clone(),
+                source,
+            })?;
         let corrupt = |detail: String| OpenError::CorruptRing {
             path: self.path.clone(),
             detail,
@@ -233,9 +239,10 @@ impl Store {
         write_atomic(&self.dir, &self.path, bytes)
     }
 
-    /// Removes a temporary file a crash may have left behind (it never holds the ring of record).
+    /// Removes the temporary files a crash may have left behind (they never hold the ring of
+    /// record), unlinking a planted link rather than following it.
     pub(crate) fn remove_leftovers(&self) {
-        let _ = fs::remove_file(tmp_path(&self.path));
+        secure_fs::remove_temp_leftovers(&self.path);
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -247,27 +254,10 @@ impl Store {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.to_owned().into_os_string();
-    name.push(TMP_SUFFIX);
-    PathBuf::from(name)
-}
-
-/// Writes `bytes` to `path` (in `dir`) through a fsynced temporary file and a rename, then
-/// fsyncs `dir` so the rename itself is durable. Blocking.
+/// Writes `bytes` to `path` (in `dir`) through a fsynced temporary file with a random name,
+/// created exclusively and without following links, and a rename; then fsyncs `dir` so the
+/// rename itself is durable. A link planted at any moment is never written through. Blocking.
 pub(crate) fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp)?;
-    // A leftover temporary file keeps its old mode: force 0600 before writing secrets.
-    #[cfg(unix)]
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    debug_assert_eq!(path.parent(), Some(dir), "the ring lives in the data dir");
+    secure_fs::write_atomic(path, bytes)
 }

@@ -27,6 +27,7 @@ struct TestAuthority {
     grpc: SocketAddr,
     http: SocketAddr,
     admin: String,
+    node: String,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -39,12 +40,14 @@ impl TestAuthority {
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let authority = Authority::open(config).unwrap();
         let admin = authority.admin_token();
+        let node = authority.node_token();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(authority.serve(grpc, http, shutdown.clone()));
         TestAuthority {
             grpc: grpc_addr,
             http: http_addr,
             admin,
+            node,
             shutdown,
             task,
         }
@@ -59,6 +62,11 @@ impl TestAuthority {
     /// `msg` with the admin credential.
     fn admin<T>(&self, msg: T) -> Request<T> {
         with_bearer(msg, &self.admin)
+    }
+
+    /// `msg` with the fleet credential.
+    fn node<T>(&self, msg: T) -> Request<T> {
+        with_bearer(msg, &self.node)
     }
 
     /// Cancels and checks that both servers drain and `serve` returns Ok.
@@ -231,11 +239,12 @@ async fn restart_publishes_the_same_keys_and_signs_with_the_same_key() {
     .unwrap();
     assert_eq!(verified.subject, "svc-a");
     assert_eq!(before.keys.len(), 2, "active and next are published");
-    let admin = auth.admin.clone();
+    let (admin, node) = (auth.admin.clone(), auth.node.clone());
+    assert_ne!(admin, node, "the fleet credential is not the admin's");
     auth.stop().await;
 
     #[cfg(unix)]
-    for file in [KEYRING_FILE, "admin.token"] {
+    for file in [KEYRING_FILE, "admin.token", "node.token"] {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(dir.path().join(file))
             .unwrap()
@@ -249,6 +258,7 @@ async fn restart_publishes_the_same_keys_and_signs_with_the_same_key() {
 
     let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
     assert_eq!(auth.admin, admin, "the admin token file is reused");
+    assert_eq!(auth.node, node, "the node token file is reused");
     let mut client = auth.client().await;
     let after = jwks(&mut client).await;
     assert_eq!(after.keys, before.keys);
@@ -299,6 +309,13 @@ fn open_refuses_bad_state_without_touching_the_disk() {
     drop(reopened);
     let kek_file = dir.path().join("kek");
     std::fs::write(&kek_file, format!("{}\n", kek.to_hex())).unwrap();
+    // A KEK file must be as private as the ring it opens (secure_files tests the refusals).
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        &kek_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     Authority::open(Config {
         kek: Some(Kek::from_file(&kek_file).unwrap()),
         ..Config::for_test(dir.path())
@@ -388,7 +405,14 @@ fn open_refuses_bad_state_without_touching_the_disk() {
     // A failed open creates no admin token file either.
     let fresh = tempfile::tempdir().unwrap();
     std::fs::write(fresh.path().join(KEYRING_FILE), b"not json").unwrap();
-    Authority::open(Config::for_test(fresh.path())).unwrap_err();
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        fresh.path().join(KEYRING_FILE),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let err = Authority::open(Config::for_test(fresh.path())).unwrap_err();
+    assert!(matches!(err, OpenError::CorruptRing { .. }), "{err}");
     assert!(!fresh.path().join("admin.token").exists());
 }
 
@@ -446,9 +470,14 @@ async fn admin_calls_need_the_credential() {
             );
         }
     }
-    // Reads need no credential.
+    // Public keys need no credential; the fleet view needs the admin's.
     client.get_jwks(pb::GetJwksRequest {}).await.unwrap();
-    client.list_keys(pb::ListKeysRequest {}).await.unwrap();
+    let status = client.list_keys(pb::ListKeysRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    client
+        .list_keys(auth.admin(pb::ListKeysRequest {}))
+        .await
+        .unwrap();
 
     // IssueToken validation.
     let base = || pb::IssueTokenRequest {
@@ -551,21 +580,47 @@ struct Watch {
 }
 
 impl Watch {
-    async fn open(client: &mut AuthorityClient<Channel>, node_id: &str) -> Watch {
+    async fn open(
+        auth: &TestAuthority,
+        client: &mut AuthorityClient<Channel>,
+        node_id: &str,
+    ) -> Watch {
+        Watch::try_open(auth, client, node_id, "eu-west")
+            .await
+            .expect("the watch stream opens")
+    }
+
+    /// Opens a stream with the fleet credential, saying hello as `node_id` in `region`.
+    async fn try_open(
+        auth: &TestAuthority,
+        client: &mut AuthorityClient<Channel>,
+        node_id: &str,
+        region: &str,
+    ) -> Result<Watch, tonic::Status> {
+        Watch::open_as(client, node_id, region, Some(&auth.node)).await
+    }
+
+    /// Opens a stream with `token` (none: no credential at all).
+    async fn open_as(
+        client: &mut AuthorityClient<Channel>,
+        node_id: &str,
+        region: &str,
+        token: Option<&str>,
+    ) -> Result<Watch, tonic::Status> {
         let (acks, rx) = mpsc::channel(8);
         acks.send(pb::WatchJwksRequest {
             node_id: node_id.into(),
-            region: "eu-west".into(),
+            region: region.into(),
             acked_version: 0,
         })
         .await
         .unwrap();
-        let snapshots = client
-            .watch_jwks(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Watch { acks, snapshots }
+        let request = match token {
+            Some(token) => with_bearer(ReceiverStream::new(rx), token),
+            None => Request::new(ReceiverStream::new(rx)),
+        };
+        let snapshots = client.watch_jwks(request).await?.into_inner();
+        Ok(Watch { acks, snapshots })
     }
 
     async fn next(&mut self) -> pb::JwksSnapshot {
@@ -587,9 +642,9 @@ impl Watch {
     }
 }
 
-async fn list(client: &mut AuthorityClient<Channel>) -> pb::ListKeysResponse {
+async fn list(client: &mut AuthorityClient<Channel>, admin: &str) -> pb::ListKeysResponse {
     client
-        .list_keys(pb::ListKeysRequest {})
+        .list_keys(with_bearer(pb::ListKeysRequest {}, admin))
         .await
         .unwrap()
         .into_inner()
@@ -601,7 +656,7 @@ async fn promotion_waits_for_live_watchers_to_ack() {
     let clock = Clock::manual(START);
     let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
     let mut client = auth.client().await;
-    let mut watch = Watch::open(&mut client, "verifier-1").await;
+    let mut watch = Watch::open(&auth, &mut client, "verifier-1").await;
     let first = watch.next().await;
     assert_eq!(
         first,
@@ -611,8 +666,9 @@ async fn promotion_waits_for_live_watchers_to_ack() {
     let next = next_kid(&first);
     eventually("the watcher is listed", || {
         let mut client = client.clone();
+        let admin = auth.admin.clone();
         async move {
-            list(&mut client)
+            list(&mut client, &admin)
                 .await
                 .watchers
                 .iter()
@@ -663,7 +719,7 @@ async fn promotion_waits_for_live_watchers_to_ack() {
         "retiring, active and a new next key: {keys:?}"
     );
     assert_eq!(issue(&auth, &mut client).await.kid, next);
-    let listed = list(&mut client).await;
+    let listed = list(&mut client, &auth.admin).await;
     let watcher = listed
         .watchers
         .iter()
@@ -733,7 +789,7 @@ async fn retiring_key_stays_published_until_its_tokens_expire() {
         .into_inner();
     assert!(rotated.activated);
     assert_ne!(rotated.active_kid, old);
-    let listed = list(&mut client).await;
+    let listed = list(&mut client, &auth.admin).await;
     let retiring = listed.keys.iter().find(|k| k.kid == old).unwrap();
     assert_eq!(retiring.state, pb::KeyState::Retiring as i32);
     assert_eq!(retiring.deactivated_at, START);
@@ -760,7 +816,13 @@ async fn retiring_key_stays_published_until_its_tokens_expire() {
         async move { !kids(&jwks(&mut client).await).contains(&old) }
     })
     .await;
-    assert!(list(&mut client).await.keys.iter().all(|k| k.kid != old));
+    assert!(
+        list(&mut client, &auth.admin)
+            .await
+            .keys
+            .iter()
+            .all(|k| k.kid != old)
+    );
     auth.stop().await;
 }
 
@@ -770,7 +832,7 @@ async fn revocation_takes_effect_at_once() {
     let clock = Clock::manual(START);
     let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
     let mut client = auth.client().await;
-    let mut watch = Watch::open(&mut client, "").await;
+    let mut watch = Watch::open(&auth, &mut client, "verifier-r").await;
     let first = watch.next().await;
     let old = first.active_kid.clone();
 
@@ -794,7 +856,7 @@ async fn revocation_takes_effect_at_once() {
     );
     assert_eq!(issue(&auth, &mut client).await.kid, revoked.active_kid);
     assert!(!stored_private_kids(dir.path()).contains(&old));
-    let listed = list(&mut client).await;
+    let listed = list(&mut client, &auth.admin).await;
     let entry = listed
         .keys
         .iter()
@@ -812,12 +874,8 @@ async fn revocation_takes_effect_at_once() {
         entry.deactivated_at, START,
         "it signed until its revocation"
     );
-    // The watcher without a name is listed under its address.
     assert!(
-        listed
-            .watchers
-            .iter()
-            .any(|w| w.node_id.starts_with("127.0.0.1:")),
+        listed.watchers.iter().any(|w| w.node_id == "verifier-r"),
         "{:?}",
         listed.watchers
     );
@@ -887,7 +945,7 @@ async fn scheduled_rotation_follows_the_clock() {
     let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy)).await;
     let mut client = auth.client().await;
     let first = jwks(&mut client).await;
-    let listed = list(&mut client).await;
+    let listed = list(&mut client, &auth.admin).await;
     assert_eq!(listed.next_rotation_at, START + 100);
     assert_eq!(
         (
@@ -908,7 +966,10 @@ async fn scheduled_rotation_follows_the_clock() {
         async move { jwks(&mut client).await.active_kid == next }
     })
     .await;
-    assert_eq!(list(&mut client).await.next_rotation_at, START + 200);
+    assert_eq!(
+        list(&mut client, &auth.admin).await.next_rotation_at,
+        START + 200
+    );
     let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
     assert!(
         metrics.contains("keyfleet_rotations_total{trigger=\"scheduled\"} 1"),
@@ -1071,8 +1132,10 @@ async fn a_failed_write_publishes_nothing() {
     auth.stop().await;
 }
 
-/// Key management and failed credentials share a token bucket (`--admin-rate`, bursts of twice
-/// that); minting with the right credential does not consume it.
+/// Key management draws from the authenticated callers' budget (`--admin-rate`, bursts of
+/// twice that); failed credentials never touch it (they have budgets of their own, per peer:
+/// see `fleet::failed_credentials_are_limited_per_peer`); minting with the credential is not
+/// rate-limited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_calls_are_rate_limited() {
     let dir = tempfile::tempdir().unwrap();
@@ -1082,35 +1145,35 @@ async fn admin_calls_are_rate_limited() {
     })
     .await;
     let mut client = auth.client().await;
-    // The burst (2): one failed credential and one revocation of a token.
-    let wrong = with_bearer(pb::RotateKeysRequest {}, "nope");
-    assert_eq!(
-        client.rotate_keys(wrong).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    // Failed credentials first: they cost the operator nothing.
+    for _ in 0..5 {
+        let wrong = with_bearer(pb::RotateKeysRequest {}, "nope");
+        assert_eq!(
+            client.rotate_keys(wrong).await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
+    }
+    // The burst (2): two revocations of a token.
     let revoke = pb::RevokeTokenRequest {
         jti: "j".into(),
         until: 0,
     };
-    client
-        .revoke_token(auth.admin(revoke.clone()))
-        .await
-        .unwrap();
-    // Now empty: key management and guesses are refused without touching the ring.
+    for _ in 0..2 {
+        client
+            .revoke_token(auth.admin(revoke.clone()))
+            .await
+            .unwrap();
+    }
+    // Now empty: key management is refused without touching the ring.
     let status = client.revoke_token(auth.admin(revoke)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    let wrong = pb::IssueTokenRequest {
-        subject: "s".into(),
-        ..Default::default()
-    };
-    let status = client
-        .issue_token(with_bearer(wrong, "nope"))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--admin-rate"), "{status:?}");
     // Minting with the credential is not rate-limited.
     for _ in 0..5 {
         issue(&auth, &mut client).await;
     }
     auth.stop().await;
 }
+
+mod fleet;
+mod secure_files;

@@ -6,12 +6,14 @@
 //! driven through any timeline in tests.
 
 pub mod jwk;
+pub mod label;
 pub mod reason;
 pub mod ring;
 pub mod strict_json;
 pub mod token;
 
 pub use jwk::{Jwk, JwksDocument, JwksError, KeySet, RejectedKey, parse_jwks};
+pub use label::{escape_untrusted, is_valid_label};
 pub use reason::Reason;
 pub use ring::{KeyRecord, KeyRing, KeyState, NewKey, RingError, RingPolicy};
 pub use token::{Policy, TokenClaims, Verified, sign_token, validate, validate_with};

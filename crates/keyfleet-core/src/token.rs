@@ -24,8 +24,10 @@ const MAX_TIME: f64 = 253_402_300_799.0;
 pub struct Policy {
     /// `iss` must equal this exactly.
     pub issuer: String,
-    /// When set, `aud` must contain it.
-    pub audience: Option<String>,
+    /// The audiences the node guards: `aud` must name at least one of them (Envoy jwt_authn's
+    /// rule). Empty means any audience; a verifier leaves it empty only when its operator chose
+    /// `--any-audience`.
+    pub audiences: Vec<String>,
     /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
     pub leeway: i64,
     /// Tokens longer than this are refused before any decoding.
@@ -39,7 +41,7 @@ impl Policy {
     pub fn new(issuer: impl Into<String>) -> Policy {
         Policy {
             issuer: issuer.into(),
-            audience: None,
+            audiences: Vec::new(),
             leeway: 60,
             max_token_bytes: 8 * 1024,
             max_lifetime: None,
@@ -123,7 +125,8 @@ pub fn sign_token(key: &SigningKey, kid: &str, claims: &TokenClaims) -> String {
 }
 
 /// Validates `token` against `keys` at `now` under `policy`. `audience`, when given by the
-/// caller, must be in `aud` too. Never reads the clock; never panics on any input.
+/// caller, must be in `aud` too (besides one of the policy's audiences). Never reads the clock;
+/// never panics on any input.
 pub fn validate(
     token: &str,
     keys: &KeySet,
@@ -336,13 +339,19 @@ fn check_claims(
             "iss does not match the expected issuer",
         ));
     }
-    for wanted in [policy.audience.as_deref(), audience].into_iter().flatten() {
-        if !aud.contains(&wanted) {
-            return Err(refuse(
-                Reason::WrongAudience,
-                "aud does not name the expected audience",
-            ));
-        }
+    if !policy.audiences.is_empty() && !policy.audiences.iter().any(|a| aud.contains(&a.as_str())) {
+        return Err(refuse(
+            Reason::WrongAudience,
+            "aud names none of the audiences this node guards",
+        ));
+    }
+    if let Some(wanted) = audience
+        && !aud.contains(&wanted)
+    {
+        return Err(refuse(
+            Reason::WrongAudience,
+            "aud does not name the audience the caller asked for",
+        ));
     }
     if !jti.is_empty() && keys.is_token_revoked(&jti, now) {
         return Err(refuse(Reason::TokenRevoked, "this token was revoked"));

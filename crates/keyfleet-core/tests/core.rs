@@ -70,10 +70,7 @@ fn raw(header: &str, claims: &str, seed: u8) -> String {
 }
 
 fn check(token: &str, audience: Option<&str>, want: Reason) {
-    let policy = Policy {
-        audience: None,
-        ..Policy::new("https://issuer.test")
-    };
+    let policy = Policy::new("https://issuer.test");
     let got = match validate(token, &keyset(Some("revoked-kid")), NOW, &policy, audience) {
         Ok(_) => Reason::Ok,
         Err(r) => r.reason,
@@ -288,7 +285,7 @@ fn node_audience_is_enforced() {
     let (a, ka) = key(1);
     let token = sign_token(&a, &ka, &claims());
     let policy = Policy {
-        audience: Some("billing".into()),
+        audiences: vec!["billing".into()],
         ..Policy::new("https://issuer.test")
     };
     let got = validate(&token, &keyset(None), NOW, &policy, None).unwrap_err();
@@ -305,6 +302,41 @@ fn node_audience_is_enforced() {
         (ok.subject.as_str(), ok.kid.as_str(), ok.expires_at),
         ("alice", ka.as_str(), NOW + 300)
     );
+}
+
+/// A node that guards several audiences accepts a token naming any one of them (Envoy
+/// jwt_authn's rule), refuses one naming none (or no `aud` at all), and a caller's audience is
+/// required on top.
+#[test]
+fn node_audiences_are_any_of() {
+    let (a, ka) = key(1);
+    let policy = Policy {
+        audiences: vec!["a".into(), "b".into()],
+        ..Policy::new("https://issuer.test")
+    };
+    let with_aud = |aud: &[&str]| {
+        let mut c = claims();
+        c.aud = aud.iter().map(|s| s.to_string()).collect();
+        sign_token(&a, &ka, &c)
+    };
+    let verdict = |token: &str, asked: Option<&str>| match validate(
+        token,
+        &keyset(None),
+        NOW,
+        &policy,
+        asked,
+    ) {
+        Ok(_) => Reason::Ok,
+        Err(r) => r.reason,
+    };
+    assert_eq!(verdict(&with_aud(&["b"]), None), Reason::Ok);
+    assert_eq!(verdict(&with_aud(&["a", "x"]), None), Reason::Ok);
+    assert_eq!(verdict(&with_aud(&["c"]), None), Reason::WrongAudience);
+    assert_eq!(verdict(&with_aud(&[]), None), Reason::WrongAudience);
+    assert_eq!(verdict(&with_aud(&["b"]), Some("x")), Reason::WrongAudience);
+    assert_eq!(verdict(&with_aud(&["b", "x"]), Some("x")), Reason::Ok);
+    // The caller's audience alone does not stand in for the node's.
+    assert_eq!(verdict(&with_aud(&["x"]), Some("x")), Reason::WrongAudience);
 }
 
 #[test]

@@ -5,6 +5,8 @@ pub mod clock;
 pub mod limits;
 pub mod metrics_bridge;
 pub mod rpc_trace;
+#[cfg(unix)]
+pub mod secure_fs;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

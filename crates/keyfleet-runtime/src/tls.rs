@@ -2,7 +2,7 @@
 //!
 //! Servers: [`ServerTls`] (a certificate chain and key, optionally a client CA that makes
 //! client certificates mandatory) turns a bound `TcpListener` into a stream of established TLS
-//! connections ([`TlsIncoming`]) that both the gRPC server and the HTTP server consume. Each
+//! connections that both the gRPC server and the HTTP server consume (`serve::accept`). Each
 //! handshake runs in its own task under a deadline and a cap on handshakes in flight, so a
 //! client that connects and says nothing never blocks the accept loop.
 //!
@@ -15,13 +15,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 
 /// A TLS handshake that has not finished by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -263,93 +262,42 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<tonic::transport::
     })
 }
 
-/// Established TLS connections accepted from one listener.
-pub struct TlsIncoming {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
+/// The TLS side of accepting a connection: a handshake under [`HANDSHAKE_TIMEOUT`], at most
+/// [`MAX_PENDING_HANDSHAKES`] at once (more connections are closed at once). `None` when the
+/// handshake failed, timed out or was not attempted.
+#[derive(Clone)]
+pub(crate) struct Handshaker {
+    acceptor: tokio_rustls::TlsAcceptor,
+    pending: Arc<Semaphore>,
 }
 
-impl std::fmt::Debug for TlsIncoming {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsIncoming")
-            .field("local", &self.local)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TlsIncoming {
-    /// Accepts on `listener` until `shutdown`, handshaking each connection in its own task.
-    pub fn new(
-        listener: TcpListener,
-        config: Arc<rustls::ServerConfig>,
-        shutdown: CancellationToken,
-    ) -> io::Result<TlsIncoming> {
-        let local = listener.local_addr()?;
-        let (tx, rx) = mpsc::channel(64);
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off briefly.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let Ok(permit) = pending.clone().try_acquire_owned() else {
-                    tracing::debug!(%peer, "too many TLS handshakes in flight; closing");
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                    drop(permit);
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsIncoming { rx, local })
-    }
-
-    /// The connections as the stream `tonic`'s `serve_with_incoming` takes.
-    pub fn into_stream(
-        self,
-    ) -> impl tokio_stream::Stream<Item = Result<TlsStream<TcpStream>, io::Error>> {
-        tokio_stream::wrappers::ReceiverStream::new(self.rx)
-            .map(|(stream, _)| Ok::<_, io::Error>(stream))
-    }
-}
-
-use tokio_stream::StreamExt as _;
-
-impl axum::serve::Listener for TlsIncoming {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // Shut down: nothing more will come; the server's graceful shutdown ends it.
-            None => std::future::pending().await,
+impl Handshaker {
+    pub(crate) fn new(config: Arc<rustls::ServerConfig>) -> Handshaker {
+        Handshaker {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            pending: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
         }
     }
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+    pub(crate) async fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<TlsStream<TcpStream>> {
+        let Ok(_permit) = self.pending.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many TLS handshakes in flight; closing");
+            return None;
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
     }
 }

@@ -31,8 +31,12 @@ pub struct Config {
     pub source: Source,
     /// Required `iss`. Needed for [`Source::JwksUrl`]; learned from the snapshot otherwise.
     pub issuer: Option<String>,
-    /// Audience every token must name (in addition to the one a caller asks for).
-    pub audience: Option<String>,
+    /// The audiences this node guards: a token must name at least one of them (and also the
+    /// one a caller asks for). Empty only together with `any_audience`.
+    pub audiences: Vec<String>,
+    /// Accept tokens for any audience: the explicit opposite of `audiences`. A node must be
+    /// given one or the other, so that no verifier accepts every audience by omission.
+    pub any_audience: bool,
     /// Clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
     /// Periodic pull, the fallback for a broken push stream (and the only refresh of a JWKS URL).
@@ -50,23 +54,34 @@ pub struct Config {
     /// Tokens longer than this are refused before any parsing.
     pub max_token_bytes: usize,
     /// When set, a token may not live longer than this (`exp - iat`, or `exp - now`).
+    /// [`DEFAULT_MAX_LIFETIME`] unless turned off with `None`.
     pub max_lifetime: Option<Duration>,
     /// TLS (and mTLS with a client CA) on both listeners; plaintext when `None`.
     pub tls: Option<ServerTls>,
     /// What the node trusts (`--authority-ca`) and presents when it calls an `https://` source.
     pub source_tls: ClientTls,
+    /// The fleet credential (`--node-token-file`, the authority's `<data-dir>/node.token`),
+    /// sent as `authorization: Bearer …` on `WatchJwks` and `GetJwks`. Without it an authority
+    /// refuses the watch stream and sends public keys only (no deny lists).
+    pub node_token_file: Option<PathBuf>,
     /// gRPC transport limits and load shedding.
     pub limits: Limits,
     pub clock: Clock,
 }
 
+/// Longest token lifetime a node accepts unless configured otherwise (`--max-lifetime`): a
+/// token meant to live for years is a stolen-forever credential, whoever signed it.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl Config {
-    /// The design's defaults for `source`.
+    /// The design's defaults for `source`. No audience policy is chosen: set `audiences` or
+    /// `any_audience`, or [`Config::check`] refuses the configuration.
     pub fn new(source: Source) -> Config {
         Config {
             source,
             issuer: None,
-            audience: None,
+            audiences: Vec::new(),
+            any_audience: false,
             leeway: Duration::from_secs(60),
             refresh_interval: Duration::from_secs(5 * 60),
             unknown_kid_cooldown: Duration::from_secs(5),
@@ -76,17 +91,20 @@ impl Config {
             node_id: "verifier".to_owned(),
             region: "default".to_owned(),
             max_token_bytes: 8 * 1024,
-            max_lifetime: None,
+            max_lifetime: Some(DEFAULT_MAX_LIFETIME),
             tls: None,
             source_tls: ClientTls::default(),
+            node_token_file: None,
             limits: Limits::default(),
             clock: Clock::system(),
         }
     }
 
-    /// Defaults for tests: node `test-node` in region `test`, short intervals.
+    /// Defaults for tests: node `test-node` in region `test`, short intervals, any audience
+    /// (a test about audiences sets `audiences` and turns `any_audience` off).
     pub fn for_test(source: Source) -> Config {
         Config {
+            any_audience: true,
             refresh_interval: Duration::from_secs(1),
             unknown_kid_cooldown: Duration::from_millis(200),
             max_stale: Duration::from_secs(60 * 60),
@@ -119,11 +137,22 @@ impl Config {
         if self.issuer.as_deref() == Some("") {
             return Err(ConfigError::Empty("issuer"));
         }
-        if self.audience.as_deref() == Some("") {
+        match (self.audiences.is_empty(), self.any_audience) {
+            (true, false) => return Err(ConfigError::NoAudiencePolicy),
+            (false, true) => return Err(ConfigError::AudienceConflict),
+            _ => {}
+        }
+        if self.audiences.iter().any(String::is_empty) {
             return Err(ConfigError::Empty("audience"));
         }
-        if self.node_id.is_empty() {
-            return Err(ConfigError::Empty("node id"));
+        // Both reach logs, metrics labels and the authority's fleet view.
+        for (flag, value) in [("--node-id", &self.node_id), ("--region", &self.region)] {
+            if !keyfleet_core::is_valid_label(value) {
+                return Err(ConfigError::BadLabel {
+                    flag,
+                    value: value.clone(),
+                });
+            }
         }
         for (name, value) in [
             ("refresh interval", self.refresh_interval),
@@ -135,6 +164,14 @@ impl Config {
         }
         if self.max_token_bytes == 0 {
             return Err(ConfigError::Zero("max token bytes"));
+        }
+        if let (Source::Authority { .. }, Some(path)) = (&self.source, &self.node_token_file) {
+            crate::upstream::load_node_token(path)?;
+        }
+        // Whoever can write the cache could plant keys the node trusts while its source is
+        // unreachable: the directory and the file must be this user's alone.
+        if let Some(dir) = &self.cache_dir {
+            crate::store::check_cache(dir)?;
         }
         Ok(())
     }
@@ -153,8 +190,23 @@ pub enum ConfigError {
         "--authority-ca or a client certificate is set but the source url {0:?} is plain http: use https://"
     )]
     TlsOnPlainUrl(String),
+    #[error(
+        "a verifier needs an audience policy: pass --audience NAME (repeatable) for the services it guards, or --any-audience to accept tokens for any audience"
+    )]
+    NoAudiencePolicy,
+    #[error(
+        "--audience and --any-audience contradict each other: keep --audience NAME for the services this node guards, or only --any-audience"
+    )]
+    AudienceConflict,
+    #[error("{flag} {value:?} is not valid: use 1 to 128 of the characters A-Z a-z 0-9 . _ : -")]
+    BadLabel { flag: &'static str, value: String },
+    #[error(transparent)]
+    NodeToken(#[from] crate::upstream::NodeTokenError),
     #[error("{0} may not be empty")]
     Empty(&'static str),
+    /// `--cache-dir` or its `jwks-cache.json` is open to other users, theirs, or a link.
+    #[error(transparent)]
+    InsecureCache(#[from] keyfleet_runtime::secure_fs::SecureFsError),
     #[error("{0} may not be zero")]
     Zero(&'static str),
 }

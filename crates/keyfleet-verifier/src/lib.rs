@@ -11,11 +11,12 @@ mod store;
 mod upstream;
 
 pub use cache::DEFAULT_CACHE_ENTRIES;
-pub use config::{Config, ConfigError, Source};
+pub use config::{Config, ConfigError, DEFAULT_MAX_LIFETIME, Source};
 pub use keyfleet_runtime::CancellationToken;
 pub use node::MAX_BATCH;
 pub use node::Verifier;
 pub use store::CACHE_FILE;
+pub use upstream::{MIN_NODE_TOKEN_BYTES, NodeTokenError};
 
 use tokio::net::TcpListener;
 

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use keyfleet_core::token::Refusal;
-use keyfleet_core::{Reason, Verified, validate};
+use keyfleet_core::{Reason, Verified, escape_untrusted, validate};
 use keyfleet_proto::v1::verifier_server::{self, VerifierServer};
 use keyfleet_proto::v1::{self as pb, VerifyRequest, VerifyResponse, WatchJwksRequest};
 use keyfleet_runtime::CancellationToken;
@@ -41,6 +41,9 @@ const SERVICE: &str = "keyfleet.v1.Verifier";
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(1);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// How often an idle watch stream repeats its ack. The authority holds a node id for a stream
+/// heard from within three heartbeats, and refuses another stream under that id meanwhile.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// A verifier node. Cheap to clone; every clone is the same node.
 #[derive(Clone)]
@@ -72,12 +75,17 @@ impl Verifier {
     /// Must run inside a Tokio runtime.
     pub async fn open(config: Config) -> anyhow::Result<Verifier> {
         config.check()?;
-        let upstream = Upstream::new(&config.source, &config.source_tls)?;
+        let upstream = Upstream::new(
+            &config.source,
+            &config.source_tls,
+            config.node_token_file.as_deref(),
+        )?;
         let metrics = Arc::new(Metrics::new());
         metrics.describe_node(&config.node_id, &config.region);
         let store = Arc::new(Store::new(config.clone(), metrics.clone()));
         let loader = store.clone();
-        tokio::task::spawn_blocking(move || loader.load_cache()).await?;
+        // A cache dir or file other users could have written refuses the start.
+        tokio::task::spawn_blocking(move || loader.load_cache()).await??;
         let gate = Gate::new(config.unknown_kid_cooldown);
         let cache = VerifyCache::new(config.cache_entries, metrics.cache.clone());
         Ok(Verifier {
@@ -336,7 +344,8 @@ impl Verifier {
             Ok(f) => f,
             Err(e) => {
                 metrics.fetched(origin, false);
-                tracing::warn!(source = origin.as_str(), error = %e, cause = ?std::error::Error::source(&e), "key set fetch failed; keeping the last good set");
+                // The error may carry a remote server's own message: escaped, it cannot forge a line.
+                tracing::warn!(source = origin.as_str(), error = %escape_untrusted(&e.to_string()), cause = ?std::error::Error::source(&e), "key set fetch failed; keeping the last good set");
                 return false;
             }
         };
@@ -383,7 +392,7 @@ impl Verifier {
             match outcome {
                 Ok(()) => tracing::info!("the authority ended the jwks stream; reconnecting"),
                 Err(status) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), "jwks stream failed; reconnecting")
+                    tracing::warn!(code = ?status.code(), message = %escape_untrusted(status.message()), "jwks stream failed; reconnecting")
                 }
             }
             let delay = backoff.next();
@@ -394,16 +403,21 @@ impl Verifier {
         }
     }
 
+    /// One `WatchJwks` stream: the hello (node id, region, the version held), then an ack for
+    /// every snapshot applied, and a heartbeat (the last ack again) every [`HEARTBEAT`] so the
+    /// authority knows the stream is live: its node id cannot be taken over while it is, and a
+    /// silent stream stops holding rotations back.
     async fn watch_once(&self, backoff: &mut Backoff) -> Result<(), Status> {
         let config = &self.inner.config;
         let Upstream::Authority(client) = &self.inner.upstream else {
             return Ok(());
         };
         let (acks, requests) = tokio::sync::mpsc::channel(16);
+        let mut acked = self.inner.store.version();
         let hello = WatchJwksRequest {
             node_id: config.node_id.clone(),
             region: config.region.clone(),
-            acked_version: self.inner.store.version(),
+            acked_version: acked,
         };
         let _ = acks.try_send(hello);
         let mut stream = client
@@ -411,11 +425,28 @@ impl Verifier {
             .watch_jwks(tokio_stream::wrappers::ReceiverStream::new(requests))
             .await?
             .into_inner();
-        while let Some(snapshot) = stream.message().await? {
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let snapshot = tokio::select! {
+                message = stream.message() => match message? {
+                    Some(snapshot) => snapshot,
+                    None => return Ok(()),
+                },
+                _ = heartbeat.tick() => {
+                    // A full queue already holds messages that tell the same.
+                    let _ = acks.try_send(WatchJwksRequest {
+                        acked_version: acked,
+                        ..Default::default()
+                    });
+                    continue;
+                }
+            };
             backoff.reset();
             self.inner.store.watching.store(true, Ordering::Release);
             let version = snapshot.version;
             if self.apply(snapshot.into(), Origin::Push).await {
+                acked = version;
                 // A full queue only drops an ack that a later one supersedes.
                 let _ = acks.try_send(WatchJwksRequest {
                     acked_version: version,
@@ -423,7 +454,6 @@ impl Verifier {
                 });
             }
         }
-        Ok(())
     }
 
     /// The fallback pull every `refresh_interval`.

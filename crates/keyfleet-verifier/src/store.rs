@@ -1,13 +1,18 @@
 //! The key set the node holds: swapped atomically so `Verify` never waits on a refresh, and
 //! written to `<cache_dir>/jwks-cache.json` so a restarted node serves at once.
+//!
+//! The cache is trusted like the source it came from, so nobody else may write it: the cache
+//! dir must be ours and closed to writers, the file ours, 0600 and not a link, or the node
+//! refuses to start (a forged key planted there would be trusted while the source is down).
 
-use std::io::Write as _;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use keyfleet_core::{Jwk, KeySet, Policy, UnixSeconds};
+use keyfleet_runtime::secure_fs::{self, SecureFsError};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Source};
@@ -147,7 +152,7 @@ impl Store {
         }
         for (kid, why) in &rejected {
             self.metrics.rejected(*why);
-            tracing::warn!(kid = %kid, why = why.as_str(), source = origin.as_str(), "published key left out by screening");
+            tracing::warn!(kid = %keyfleet_core::escape_untrusted(kid), why = why.as_str(), source = origin.as_str(), "published key left out by screening");
         }
         if http && keys.is_empty() {
             return Err(ApplyError::NoUsableKeys);
@@ -156,11 +161,11 @@ impl Store {
         if let (Some(configured), Some(announced)) = (&self.config.issuer, &keys.issuer)
             && configured != announced
         {
-            tracing::warn!(%configured, %announced, "--issuer differs from the issuer the authority announces");
+            tracing::warn!(%configured, announced = %keyfleet_core::escape_untrusted(announced), "--issuer differs from the issuer the authority announces");
         }
         let policy = issuer.map(|issuer| Policy {
             issuer,
-            audience: self.config.audience.clone(),
+            audiences: self.config.audiences.clone(),
             leeway: self.config.leeway.as_secs() as i64,
             max_token_bytes: self.config.max_token_bytes,
             max_lifetime: self.config.max_lifetime.map(|d| d.as_secs() as i64),
@@ -226,32 +231,36 @@ impl Store {
         }
     }
 
-    /// Installs the cached set if there is one for this source that is younger than
-    /// `max_stale`. A missing, corrupt or foreign file is logged and ignored.
-    pub(crate) fn load_cache(&self) {
-        let Some(path) = self.cache_path() else {
-            return;
+    /// Creates the cache dir (0700) when missing and installs the cached set if there is one
+    /// for this source that is younger than `max_stale`. A missing, corrupt or foreign-source
+    /// file is logged and ignored; a cache dir or file other users could have written is an
+    /// error (the node must not start on keys someone may have planted). Blocking.
+    pub(crate) fn load_cache(&self) -> Result<(), SecureFsError> {
+        let (Some(dir), Some(path)) = (self.config.cache_dir.as_deref(), self.cache_path()) else {
+            return Ok(());
         };
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) => {
-                self.metrics.fetched(Origin::Cache, false);
-                tracing::warn!(path = %path.display(), error = %e, "could not read the key set cache; ignoring it");
-                return;
-            }
+        secure_fs::create_dir(dir, "cache dir")?;
+        secure_fs::remove_temp_leftovers(&path);
+        let Some(mut file) = secure_fs::open_private(&path, "key set cache")? else {
+            return Ok(());
         };
+        let mut bytes = Vec::new();
+        if let Err(e) = file.read_to_end(&mut bytes) {
+            self.metrics.fetched(Origin::Cache, false);
+            tracing::warn!(path = %path.display(), error = %e, "could not read the key set cache; ignoring it");
+            return Ok(());
+        }
         let record: CacheRecord = match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.fetched(Origin::Cache, false);
                 tracing::warn!(path = %path.display(), error = %e, "the key set cache is corrupt; ignoring it");
-                return;
+                return Ok(());
             }
         };
         if record.format != CACHE_FORMAT || record.source != self.config.source.url() {
             tracing::info!(path = %path.display(), "the key set cache is from another source or format; ignoring it");
-            return;
+            return Ok(());
         }
         let age = self.config.clock.now() - record.fetched_at;
         if age > self.config.max_stale.as_secs() as i64 {
@@ -259,7 +268,7 @@ impl Store {
                 age_seconds = age,
                 "the key set cache is older than --max-stale; ignoring it"
             );
-            return;
+            return Ok(());
         }
         let fetched = Fetched {
             version: record.version,
@@ -287,6 +296,7 @@ impl Store {
                 tracing::warn!(error = %e, "the key set cache holds no usable key; ignoring it");
             }
         }
+        Ok(())
     }
 }
 
@@ -309,17 +319,24 @@ struct CachedRevokedToken {
     until: UnixSeconds,
 }
 
-/// tmp file + fsync + rename + fsync of the directory: a crash leaves the old or the new file.
+/// Refuses a cache dir another user owns or can write, and a cache file that is a link, not
+/// ours, or open to others. A missing dir or file passes (the node creates them, privately).
+pub(crate) fn check_cache(dir: &Path) -> Result<(), SecureFsError> {
+    if secure_fs::check_dir(dir, "cache dir")? {
+        secure_fs::check_private(&dir.join(CACHE_FILE), "key set cache")?;
+    }
+    Ok(())
+}
+
+/// A fresh temporary file (random name, exclusive, no link followed, 0600) + fsync + rename +
+/// fsync of the directory: a crash leaves the old or the new file, and a link planted in the
+/// directory is never written through.
 fn write_atomically(path: &Path, record: &CacheRecord) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    secure_fs::write_atomic(path, &bytes)
 }

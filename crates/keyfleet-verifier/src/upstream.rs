@@ -1,12 +1,16 @@
-//! Fetching key sets from the source: `GetJwks` over one shared gRPC channel, or a JWKS
-//! document over one shared HTTP client.
+//! Fetching key sets from the source: `GetJwks` over one shared gRPC channel (carrying the
+//! fleet credential on every call), or a JWKS document over one shared HTTP client.
 
+use std::path::Path;
 use std::time::Duration;
 
 use keyfleet_core::{Jwk, UnixSeconds};
 use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::{GetJwksRequest, JwksSnapshot};
 use keyfleet_runtime::tls::ClientTls;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::config::Source;
@@ -18,6 +22,117 @@ const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest JWKS document accepted over HTTP.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// Shortest fleet credential accepted: the authority generates 64 characters and refuses
+/// tokens shorter than 32 bytes, so a shorter one is a mistake (or a guessable secret).
+pub const MIN_NODE_TOKEN_BYTES: usize = 32;
+
+/// The fleet credential (`--node-token-file`). Never printed.
+#[derive(Clone)]
+pub(crate) struct NodeToken(String);
+
+impl std::fmt::Debug for NodeToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeToken(<redacted>)")
+    }
+}
+
+/// Why the fleet credential could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeTokenError {
+    /// Open to other users, owned by another user, or a link; the message says what to run.
+    #[error(transparent)]
+    Insecure(#[from] keyfleet_runtime::secure_fs::SecureFsError),
+    #[error("cannot read the node token file {path} (--node-token-file): {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the node token file {path} (--node-token-file) holds {len} bytes: a fleet credential has at least {MIN_NODE_TOKEN_BYTES}; copy the authority's <data-dir>/node.token"
+    )]
+    TooShort {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+    #[error(
+        "the node token file {path} (--node-token-file) has characters that cannot go in a header: copy the authority's <data-dir>/node.token"
+    )]
+    NotAscii { path: std::path::PathBuf },
+}
+
+/// Reads and checks the fleet credential in `path` (surrounding whitespace is ignored).
+pub(crate) fn load_node_token(path: &Path) -> Result<NodeToken, NodeTokenError> {
+    // Same file rules as the authority's token files: ours and 0600, or root's and closed to
+    // writers (a mounted secret); never a link another user planted.
+    let read_err = |source| NodeTokenError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = keyfleet_runtime::secure_fs::open_secret(path, "node token file")?
+        .ok_or_else(|| read_err(std::io::ErrorKind::NotFound.into()))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(read_err)?;
+    let token = text.trim();
+    if token.len() < MIN_NODE_TOKEN_BYTES {
+        return Err(NodeTokenError::TooShort {
+            path: path.to_owned(),
+            len: token.len(),
+        });
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(NodeTokenError::NotAscii {
+            path: path.to_owned(),
+        });
+    }
+    Ok(NodeToken(token.to_owned()))
+}
+
+/// Adds `authorization: Bearer <fleet credential>` to every call to the authority (marked
+/// sensitive, so HTTP/2 never indexes it); nothing without a credential.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(<redacted>)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Bearer {
+    fn new(token: Option<&NodeToken>) -> anyhow::Result<Bearer> {
+        let Some(token) = token else {
+            return Ok(Bearer(None));
+        };
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.0)
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the node token cannot go in a header"))?;
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The authority client every call goes through.
+pub(crate) type AuthorityApi = AuthorityClient<InterceptedService<Channel, Bearer>>;
 
 /// A key set as the source published it, before screening.
 #[derive(Debug, Clone, Default)]
@@ -80,7 +195,7 @@ pub(crate) enum FetchError {
 /// The one client to the source, shared by every refresh.
 #[derive(Debug, Clone)]
 pub(crate) enum Upstream {
-    Authority(AuthorityClient<Channel>),
+    Authority(AuthorityApi),
     Http {
         client: reqwest::Client,
         url: reqwest::Url,
@@ -89,8 +204,14 @@ pub(crate) enum Upstream {
 
 impl Upstream {
     /// Builds the client without connecting (the channel connects on first use and reconnects
-    /// by itself). Needs a Tokio runtime.
-    pub(crate) fn new(source: &Source, tls: &ClientTls) -> anyhow::Result<Upstream> {
+    /// by itself). Needs a Tokio runtime. `node_token_file` holds the fleet credential sent to
+    /// an authority (without it the node gets public keys only, no deny lists, and cannot
+    /// watch); a JWKS URL never gets it.
+    pub(crate) fn new(
+        source: &Source,
+        tls: &ClientTls,
+        node_token_file: Option<&Path>,
+    ) -> anyhow::Result<Upstream> {
         Ok(match source {
             Source::Authority { url } => {
                 let channel = keyfleet_runtime::tls::endpoint(url, tls)
@@ -100,8 +221,13 @@ impl Upstream {
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy();
+                let token = node_token_file.map(load_node_token).transpose()?;
+                if token.is_none() {
+                    tracing::warn!(authority = %url, "no --node-token-file: the authority will refuse this node's watch stream and send it no deny lists (revoked tokens would be accepted)");
+                }
                 Upstream::Authority(
-                    AuthorityClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES),
+                    AuthorityClient::with_interceptor(channel, Bearer::new(token.as_ref())?)
+                        .max_decoding_message_size(MAX_SNAPSHOT_BYTES),
                 )
             }
             Source::JwksUrl { url } => {

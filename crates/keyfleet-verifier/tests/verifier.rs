@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -108,7 +109,17 @@ struct FakeState {
     pushes: broadcast::Sender<JwksSnapshot>,
     get_jwks: AtomicUsize,
     acks: Mutex<Vec<u64>>,
+    /// The `authorization` of every GetJwks and WatchJwks call, in order.
+    credentials: Mutex<Vec<(&'static str, Option<String>)>>,
     down: CancellationToken,
+}
+
+fn credential<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 #[derive(Clone)]
@@ -118,8 +129,10 @@ struct FakeService(Arc<FakeState>);
 impl Authority for FakeService {
     async fn get_jwks(
         &self,
-        _: Request<pb::GetJwksRequest>,
+        request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<JwksSnapshot>, Status> {
+        let seen = ("GetJwks", credential(&request));
+        self.0.credentials.lock().unwrap().push(seen);
         self.0.get_jwks.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(self.0.snapshot.lock().unwrap().clone()))
     }
@@ -130,6 +143,8 @@ impl Authority for FakeService {
         &self,
         request: Request<Streaming<WatchJwksRequest>>,
     ) -> Result<Response<Self::WatchJwksStream>, Status> {
+        let seen = ("WatchJwks", credential(&request));
+        self.0.credentials.lock().unwrap().push(seen);
         let mut incoming = request.into_inner();
         let state = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
@@ -203,6 +218,7 @@ impl FakeAuthority {
             pushes: broadcast::channel(16).0,
             get_jwks: AtomicUsize::new(0),
             acks: Mutex::new(Vec::new()),
+            credentials: Mutex::new(Vec::new()),
             down: CancellationToken::new(),
         });
         let shutdown = CancellationToken::new();
@@ -246,6 +262,12 @@ impl FakeAuthority {
 
     fn acked(&self, version: u64) -> bool {
         self.state.acks.lock().unwrap().contains(&version)
+    }
+
+    /// How many messages on watch streams acknowledged `version` (acks and heartbeats).
+    fn acks_of(&self, version: u64) -> usize {
+        let acks = self.state.acks.lock().unwrap();
+        acks.iter().filter(|v| **v == version).count()
     }
 
     /// Ends every stream and stops listening.
@@ -492,7 +514,8 @@ async fn verdicts_for_good_and_bad_tokens() {
     let authority = FakeAuthority::start(snap).await;
     let clock = Clock::manual(NOW);
     let node = spawn_node(Config {
-        audience: Some("api".into()),
+        audiences: vec!["api".into()],
+        any_audience: false,
         clock: clock.clone(),
         ..Config::for_test(authority.source())
     })
@@ -1021,5 +1044,79 @@ async fn readiness_health_and_metrics() {
     node.stop().await;
 }
 
+mod defaults;
 mod hostile;
 mod observability;
+mod secure_cache;
+
+/// The node sends the fleet credential from `--node-token-file` on every call to the authority
+/// (the watch stream and the pulls), and repeats its ack as a heartbeat on an idle stream, so
+/// the authority keeps its node id for it. A token file that cannot be a fleet credential is
+/// refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_the_fleet_credential_and_heartbeats() {
+    let k1 = key(1);
+    let fake = FakeAuthority::start(snapshot(1, &[&k1])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("node.token");
+    let token = "0123456789abcdef".repeat(4);
+    write_private(&token_file, &format!("{token}\n"));
+    let node = spawn_node(Config {
+        node_token_file: Some(token_file.clone()),
+        ..Config::for_test(fake.source())
+    })
+    .await;
+    node.wait_ready().await;
+    eventually("a pull and a heartbeat after the ack", || async {
+        fake.get_jwks_calls() > 0 && fake.acks_of(1) >= 2
+    })
+    .await;
+    let seen = fake.state.credentials.lock().unwrap().clone();
+    let want = Some(format!("Bearer {token}"));
+    assert!(seen.iter().any(|(rpc, _)| *rpc == "WatchJwks"), "{seen:?}");
+    assert!(seen.iter().any(|(rpc, _)| *rpc == "GetJwks"), "{seen:?}");
+    assert!(seen.iter().all(|(_, c)| *c == want), "{seen:?}");
+    node.stop().await;
+
+    for (what, text) in [
+        ("short", "abc\n"),
+        ("control characters", &format!("{token}\u{7}x")),
+    ] {
+        let path = dir.path().join(format!("bad-{}.token", what.len()));
+        write_private(&path, text);
+        let config = Config {
+            node_token_file: Some(path),
+            ..Config::for_test(fake.source())
+        };
+        let err = config.check().expect_err(what).to_string();
+        assert!(err.contains("--node-token-file"), "{what}: {err}");
+        assert!(!err.contains(&token), "the token is never printed: {err}");
+    }
+    let missing = Config {
+        node_token_file: Some(dir.path().join("missing")),
+        ..Config::for_test(fake.source())
+    };
+    assert!(missing.check().is_err());
+    // A token file other users can read is refused like the authority's own token files.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open = Config {
+        node_token_file: Some(token_file.clone()),
+        ..Config::for_test(fake.source())
+    };
+    let err = open.check().expect_err("a 0644 token file").to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+    fake.stop().await;
+}
+
+/// Writes `text` to a new file of mode 0600, as an operator provisions a secret.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+}

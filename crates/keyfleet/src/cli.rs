@@ -122,6 +122,18 @@ pub struct AuthorityArgs {
     /// [default: <data-dir>/admin.token]
     #[arg(long, env = "KEYFLEET_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// File with the fleet credential verifiers must send (their --node-token-file) to watch
+    /// the JWKS and receive the deny lists; created (mode 0600) with a random token if missing.
+    /// Must differ from the admin token. [default: <data-dir>/node.token]
+    #[arg(long, env = "KEYFLEET_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
+    /// Open WatchJwks streams (one per verifier) served at most; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KEYFLEET_MAX_WATCHERS", default_value_t = keyfleet_authority::DEFAULT_MAX_WATCHERS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_watchers: usize,
+    /// Open WatchJwks streams one client address may hold (verifiers behind one NAT share it).
+    #[arg(long, env = "KEYFLEET_MAX_WATCHERS_PER_PEER", default_value_t = keyfleet_authority::DEFAULT_MAX_WATCHERS_PER_PEER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_watchers_per_peer: usize,
     /// Longest lifetime of a minted token (also the default).
     #[arg(long, env = "KEYFLEET_TOKEN_TTL", default_value = "15m", value_parser = parse_duration)]
     pub token_ttl: Duration,
@@ -144,7 +156,8 @@ pub struct AuthorityArgs {
     /// Without it such a listener refuses them unless the caller is on this host.
     #[arg(long, env = "KEYFLEET_INSECURE_ADMIN")]
     pub insecure_admin: bool,
-    /// Key rotations/revocations and failed admin credentials allowed per second (bursts of twice that).
+    /// Key rotations and revocations allowed per second with the admin credential (bursts of
+    /// twice that). Failed credentials never use it up: they are limited per client address.
     #[arg(long, env = "KEYFLEET_ADMIN_RATE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub admin_rate: u32,
     /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
@@ -174,9 +187,20 @@ pub struct VerifierArgs {
     /// Required `iss` (learned from the authority when not set).
     #[arg(long, env = "KEYFLEET_ISSUER")]
     pub issuer: Option<String>,
-    /// Audience every token must carry (callers may require one more per request).
-    #[arg(long, env = "KEYFLEET_AUDIENCE")]
-    pub audience: Option<String>,
+    /// An audience this node guards: a token must name at least one of them in its `aud`
+    /// (refused otherwise with WRONG_AUDIENCE); a caller may require one more per request.
+    /// Repeatable; comma-separated in KEYFLEET_AUDIENCE. A verifier needs this or --any-audience.
+    #[arg(
+        long,
+        env = "KEYFLEET_AUDIENCE",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub audience: Vec<String>,
+    /// Accept tokens for any audience (only an audience a caller names per request is checked):
+    /// the explicit alternative to --audience, for a node that does not guard particular services.
+    #[arg(long, env = "KEYFLEET_ANY_AUDIENCE")]
+    pub any_audience: bool,
     /// Clock skew allowed on exp, nbf and iat.
     #[arg(long, env = "KEYFLEET_LEEWAY", default_value = "60s", value_parser = parse_duration)]
     pub leeway: Duration,
@@ -207,9 +231,10 @@ pub struct VerifierArgs {
     /// Tokens longer than this are refused (TOO_LARGE) before any decoding.
     #[arg(long, env = "KEYFLEET_MAX_TOKEN_BYTES", default_value_t = 8192)]
     pub max_token_bytes: usize,
-    /// Refuse tokens meant to live longer than this (exp - iat, or exp - now without iat).
-    #[arg(long, env = "KEYFLEET_MAX_LIFETIME", value_parser = parse_duration)]
-    pub max_lifetime: Option<Duration>,
+    /// Refuse tokens meant to live longer than this (exp - iat, or exp - now without iat) as
+    /// MALFORMED, whoever signed them; 0 turns the check off.
+    #[arg(long, env = "KEYFLEET_MAX_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub max_lifetime: Duration,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// PEM CA bundle to trust for an https:// --authority or --jwks-url [default: the web PKI roots].
@@ -232,6 +257,10 @@ pub struct VerifierArgs {
     /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
     #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight: u32,
+    /// File with the fleet credential (a copy of the authority's <data-dir>/node.token), sent on
+    /// WatchJwks and GetJwks. Required with --authority.
+    #[arg(long, env = "KEYFLEET_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -364,6 +393,8 @@ pub enum KeysCommand {
     List {
         #[command(flatten)]
         conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
         /// Print the raw answer as JSON.
         #[arg(long)]
         json: bool,
@@ -453,6 +484,12 @@ async fn run_authority(args: AuthorityArgs) -> anyhow::Result<ExitCode> {
             .admin_token_file
             .clone()
             .unwrap_or_else(|| args.data_dir.join("admin.token")),
+        node_token_file: args
+            .node_token_file
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join(keyfleet_authority::NODE_TOKEN_FILE)),
+        max_watchers: args.max_watchers,
+        max_watchers_per_peer: args.max_watchers_per_peer,
         data_dir: args.data_dir,
         issuer: args.issuer,
         policy: keyfleet_core::RingPolicy {
@@ -485,6 +522,14 @@ async fn run_authority(args: AuthorityArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
     let source = match (args.authority, args.jwks_url) {
+        (Some(_), None) if args.node_token_file.is_none() => {
+            return Err(exit_with(
+                EXIT_CONFIG,
+                anyhow::anyhow!(
+                    "--authority needs --node-token-file (KEYFLEET_NODE_TOKEN_FILE): a copy of the authority's <data-dir>/node.token; without it the authority refuses the watch stream and withholds the deny lists"
+                ),
+            ));
+        }
         (Some(url), None) => keyfleet_verifier::Source::Authority { url },
         (None, Some(url)) => {
             if args.issuer.is_none() {
@@ -507,7 +552,8 @@ async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
     let config = keyfleet_verifier::Config {
         source,
         issuer: args.issuer,
-        audience: args.audience,
+        audiences: args.audience,
+        any_audience: args.any_audience,
         leeway: args.leeway,
         refresh_interval: args.refresh_interval,
         unknown_kid_cooldown: args.unknown_kid_cooldown,
@@ -519,7 +565,8 @@ async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| format!("verifier-{}", args.grpc_listen.port())),
         region: args.region,
         max_token_bytes: args.max_token_bytes,
-        max_lifetime: args.max_lifetime,
+        // An explicit 0 turns the check off.
+        max_lifetime: (!args.max_lifetime.is_zero()).then_some(args.max_lifetime),
         tls: args.tls.load()?,
         source_tls: keyfleet_runtime::tls::ClientTls::from_files(
             args.authority_ca.as_deref(),
@@ -532,13 +579,23 @@ async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
             max_inflight: args.max_inflight as usize,
             ..Default::default()
         },
+        node_token_file: args.node_token_file,
         clock: Clock::system(),
     };
+    // The whole configuration is checked (and the node built) before any socket is bound: a
+    // bad one exits 64 without ever having listened.
+    config
+        .check()
+        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?;
+    let node_id = config.node_id.clone();
+    let verifier = keyfleet_verifier::Verifier::open(config)
+        .await
+        .map_err(|e| exit_with(EXIT_CONFIG, e))?;
     let grpc = bind(args.grpc_listen, "grpc").await?;
     let http = bind(args.http_listen, "http").await?;
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, node_id = %config.node_id, "verifier listening");
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, node_id = %node_id, "verifier listening");
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
-    keyfleet_verifier::run(grpc, http, config, shutdown).await?;
+    verifier.serve(grpc, http, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

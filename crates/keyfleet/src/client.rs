@@ -1,12 +1,14 @@
 //! The admin and client commands (`token …`, `keys …`): thin gRPC calls with errors that say
 //! what went wrong and what to do.
 
+use std::borrow::Cow;
 use std::io::Read as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
+use keyfleet_core::escape_untrusted;
 use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::verifier_client::VerifierClient;
 use keyfleet_proto::v1::{
@@ -47,21 +49,47 @@ pub async fn connect(
     })
 }
 
-/// Turns a gRPC error into a message for a human.
+/// Text a server chose, made safe to print: control characters (ESC, CR, LF, …) escaped, so a
+/// hostile or confused server cannot drive the operator's terminal or fake output lines.
+fn shown(text: &str) -> Cow<'_, str> {
+    escape_untrusted(text)
+}
+
+/// Pretty JSON safe for a terminal. serde_json escapes the C0 controls inside strings but leaves
+/// DEL, the C1 controls (U+009B starts an escape sequence on some terminals) and U+2028/U+2029
+/// raw; those can only occur inside strings, where a `\uXXXX` escape is the same JSON value.
+fn terminal_json(value: &serde_json::Value) -> anyhow::Result<String> {
+    let text = serde_json::to_string_pretty(value)?;
+    let raw = |c: char| c >= '\u{7f}' && (c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'));
+    if !text.chars().any(raw) {
+        return Ok(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if raw(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Turns a gRPC error into a message for a human (the server's message escaped).
 fn explain(status: Status, action: &str) -> anyhow::Error {
+    let message = shown(status.message());
     match status.code() {
         Code::Unauthenticated => exit_with(
             EXIT_CONFIG,
             anyhow!(
-                "{action}: the authority refused the admin credential ({}): pass --admin-token-file with the authority's admin.token, or set KEYFLEET_ADMIN_TOKEN",
-                status.message()
+                "{action}: the authority refused the admin credential ({message}): pass --admin-token-file with the authority's admin.token, or set KEYFLEET_ADMIN_TOKEN"
             ),
         ),
         Code::Unavailable => exit_with(
             EXIT_UNAVAILABLE,
-            anyhow!("{action}: server unavailable: {}", status.message()),
+            anyhow!("{action}: server unavailable: {message}"),
         ),
-        _ => anyhow!("{action}: {} ({:?})", status.message(), status.code()),
+        _ => anyhow!("{action}: {message} ({:?})", status.code()),
     }
 }
 
@@ -164,7 +192,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 .issue_token(with_admin(req, &token)?)
                 .await
                 .map_err(|s| explain(s, "issue token"))?;
-            println!("{}", resp.into_inner().token);
+            println!("{}", shown(&resp.into_inner().token));
             Ok(ExitCode::SUCCESS)
         }
         TokenCommand::Verify {
@@ -208,7 +236,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 "region": r.region,
                 "detail": r.detail,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            println!("{}", terminal_json(&out)?);
             Ok(if r.valid {
                 ExitCode::SUCCESS
             } else {
@@ -247,17 +275,19 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
 
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCommand::List { conn, json } => {
+        KeysCommand::List { conn, cred, json } => {
+            // The fleet view (node ids, regions, the schedule) is for operators only.
+            let token = admin_token(&cred)?;
             let mut client = AuthorityClient::new(
                 connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
             );
             let resp = client
-                .list_keys(ListKeysRequest {})
+                .list_keys(with_admin(ListKeysRequest {}, &token)?)
                 .await
                 .map_err(|s| explain(s, "list keys"))?
                 .into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&list_json(&resp))?);
+                println!("{}", terminal_json(&list_json(&resp))?);
             } else {
                 print!("{}", render_list(&resp));
             }
@@ -284,18 +314,18 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
                 } else {
                     "promoting (waiting for the fleet's acknowledgements)"
                 };
-                println!("key {} is {state}", r.promoting_kid);
+                println!("key {} is {state}", shown(&r.promoting_kid));
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!(
                 "key {} is published; waiting until every watching verifier holds it (at most --publish-ahead)...",
-                r.promoting_kid
+                shown(&r.promoting_kid)
             );
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let list = client
-                    .list_keys(ListKeysRequest {})
+                    .list_keys(with_admin(ListKeysRequest {}, &token)?)
                     .await
                     .map_err(|s| explain(s, "list keys"))?
                     .into_inner();
@@ -306,14 +336,14 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
                     .map(|k| k.state());
                 match state {
                     Some(KeyState::Active) | Some(KeyState::Retiring) => {
-                        println!("key {} is active", r.promoting_kid);
+                        println!("key {} is active", shown(&r.promoting_kid));
                         return Ok(ExitCode::SUCCESS);
                     }
                     Some(KeyState::Next) => {}
                     other => {
                         return Err(anyhow!(
                             "key {} left the rotation (now {:?}): see `keyfleet keys list`",
-                            r.promoting_kid,
+                            shown(&r.promoting_kid),
                             other
                         ));
                     }
@@ -321,7 +351,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(anyhow!(
                         "key {} is still not active after {}: see `keyfleet keys list` for lagging watchers",
-                        r.promoting_kid,
+                        shown(&r.promoting_kid),
                         humantime::format_duration(timeout)
                     ));
                 }
@@ -339,7 +369,9 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             println!(
                 "key {} revoked; {} signs now (JWKS version {})",
-                r.revoked_kid, r.active_kid, r.version
+                shown(&r.revoked_kid),
+                shown(&r.active_kid),
+                r.version
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -398,11 +430,11 @@ fn list_json(r: &ListKeysResponse) -> serde_json::Value {
     })
 }
 
-/// The `keys list` table: the ring, then the fleet.
+/// The `keys list` table: the ring, then the fleet. Every string from the server is escaped.
 pub fn render_list(r: &ListKeysResponse) -> String {
     let mut out = format!(
         "issuer {}  JWKS version {}  next rotation {} ({})\n\nKID                                          STATE     PUBLISHED  ACTIVATED  DEACTIVATED  LEAVES JWKS\n",
-        r.issuer,
+        shown(&r.issuer),
         r.version,
         time(r.next_rotation_at),
         ago(r.now, r.next_rotation_at)
@@ -410,7 +442,7 @@ pub fn render_list(r: &ListKeysResponse) -> String {
     for k in &r.keys {
         out.push_str(&format!(
             "{:<44} {:<9} v{:<9} {:<10} {:<12} {}\n",
-            k.kid,
+            shown(&k.kid),
             state_name(k.state),
             k.published_version,
             ago(r.now, k.activated_at),
@@ -438,8 +470,8 @@ pub fn render_list(r: &ListKeysResponse) -> String {
     for w in &r.watchers {
         out.push_str(&format!(
             "{:<24} {:<12} v{:<9} {:<10} {}\n",
-            w.node_id,
-            w.region,
+            shown(&w.node_id),
+            shown(&w.region),
             w.acked_version,
             ago(r.now, w.last_seen),
             if w.connected { "yes" } else { "no" }
@@ -468,4 +500,80 @@ pub async fn health(url: &str, service: &str, tls: &ClientTlsArgs) -> anyhow::Re
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyfleet_proto::v1::{KeyInfo, WatcherInfo};
+
+    /// What a hostile (or confused) authority could send: ESC sequences, CR, LF, C1 controls.
+    const HOSTILE: &str = "node-1\u{1b}[2J\r\nERROR KEY RING CORRUPTED\u{9b}31m\u{7f}";
+
+    fn hostile_list() -> ListKeysResponse {
+        ListKeysResponse {
+            issuer: format!("https://issuer{HOSTILE}"),
+            version: 3,
+            now: 1_000,
+            keys: vec![KeyInfo {
+                kid: format!("kid{HOSTILE}"),
+                state: KeyState::Active as i32,
+                ..KeyInfo::default()
+            }],
+            watchers: vec![WatcherInfo {
+                node_id: HOSTILE.into(),
+                region: format!("eu{HOSTILE}"),
+                acked_version: 3,
+                connected: true,
+                ..WatcherInfo::default()
+            }],
+            ..ListKeysResponse::default()
+        }
+    }
+
+    fn has_raw_control(text: &str) -> bool {
+        text.chars().any(|c| c != '\n' && c.is_control())
+    }
+
+    /// `keys list` prints node ids, regions, kids and the issuer with every control character
+    /// escaped: nothing the server says can clear the screen or add a line to the table.
+    #[test]
+    fn keys_list_table_escapes_control_characters() {
+        let table = render_list(&hostile_list());
+        assert!(!has_raw_control(&table), "{table:?}");
+        // The table has its own lines only: header, blank, column titles, one key, blank, the
+        // watcher header, column titles, one watcher.
+        assert_eq!(table.lines().count(), 8, "{table}");
+        assert!(
+            table.contains("node-1\\u{1b}[2J\\u{d}\\u{a}ERROR KEY RING CORRUPTED\\u{9b}31m\\u{7f}"),
+            "{table}"
+        );
+        assert!(!table.lines().any(|l| l.starts_with("ERROR")), "{table}");
+    }
+
+    /// `--json` output (and `token verify`'s) stays valid JSON with the same values, and holds
+    /// no raw control character either (serde_json alone leaves DEL and the C1 range raw).
+    #[test]
+    fn json_output_escapes_what_serde_json_leaves_raw() {
+        let value = list_json(&hostile_list());
+        assert!(has_raw_control(
+            &serde_json::to_string_pretty(&value).unwrap()
+        ));
+        let text = terminal_json(&value).unwrap();
+        assert!(!has_raw_control(&text), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, value);
+        assert_eq!(back["watchers"][0]["node_id"], HOSTILE);
+    }
+
+    /// A server's error message reaches the operator escaped.
+    #[test]
+    fn server_error_messages_are_escaped() {
+        for code in [Code::Unauthenticated, Code::Unavailable, Code::Internal] {
+            let e = explain(Status::new(code, HOSTILE), "list keys");
+            let text = format!("{e:#}");
+            assert!(!has_raw_control(&text) && !text.contains('\n'), "{text:?}");
+            assert!(text.contains("ERROR KEY RING CORRUPTED"), "{text}");
+        }
+    }
 }

@@ -1,6 +1,10 @@
 //! The `keyfleet` binary end to end, as an operator runs it: real processes on loopback ports,
 //! the CLI's output and exit codes, a SIGKILLed authority, `keyfleet demo`.
 
+mod attack;
+mod defaults;
+mod secure_files;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -28,7 +32,13 @@ impl Drop for Server {
 /// Starts `keyfleet <args>` with JSON logs and waits for its "listening" line.
 #[allow(clippy::zombie_processes)] // the returned Server kills and waits on drop
 fn spawn(args: &[&str]) -> Server {
-    let mut child = Command::new(BIN)
+    spawn_with(Command::new(BIN), args)
+}
+
+/// [`spawn`] through `command` (the binary itself, or a wrapper that execs it).
+#[allow(clippy::zombie_processes)] // the returned Server kills and waits on drop
+fn spawn_with(mut command: Command, args: &[&str]) -> Server {
+    let mut child = command
         .args(args)
         .args(["--log-format", "json"])
         .env_remove("RUST_LOG")
@@ -82,7 +92,9 @@ fn authority(dir: &Path) -> Server {
     ])
 }
 
-fn verifier(authority: &str, node: &str) -> Server {
+/// A verifier following `authority` with the fleet credential in `node_token` (the
+/// authority's `<data-dir>/node.token`).
+fn verifier(authority: &str, node_token: &Path, node: &str) -> Server {
     spawn(&[
         "verifier",
         "--grpc-listen",
@@ -91,10 +103,14 @@ fn verifier(authority: &str, node: &str) -> Server {
         "127.0.0.1:0",
         "--authority",
         authority,
+        "--node-token-file",
+        node_token.to_str().unwrap(),
         "--node-id",
         node,
         "--region",
         "test",
+        "--audience",
+        "orders",
     ])
 }
 
@@ -186,8 +202,11 @@ fn http_get(base: &str, path: &str) -> (String, String) {
     (head.to_owned(), body.to_owned())
 }
 
-fn keys_json(auth: &Server) -> Value {
-    let o = keyfleet(&["keys", "list", "--authority", &auth.grpc, "--json"], None);
+fn keys_json(auth: &Server, admin: &Path) -> Value {
+    let o = keyfleet(
+        &["keys", "list", "--authority", &auth.grpc, "--json"],
+        Some(admin),
+    );
     assert!(o.status.success(), "keys list: {}", stderr(&o));
     serde_json::from_str(&stdout(&o)).unwrap()
 }
@@ -210,7 +229,13 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
     let admin = dir.path().join("admin.token");
     let auth = authority(dir.path());
     let nodes: Vec<Server> = (1..=3)
-        .map(|i| verifier(&auth.grpc, &format!("node-{i}")))
+        .map(|i| {
+            verifier(
+                &auth.grpc,
+                &dir.path().join("node.token"),
+                &format!("node-{i}"),
+            )
+        })
         .collect();
 
     let token = issue(&auth, &admin);
@@ -228,7 +253,7 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
 
     // Every node watches and has acknowledged the current version.
     let list = eventually(20, "three acknowledging watchers", || {
-        let l = keys_json(&auth);
+        let l = keys_json(&auth, &admin);
         let v = l["version"].as_u64().unwrap();
         let acked = l["watchers"]
             .as_array()
@@ -274,7 +299,7 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
     // Rotate: returns once the new key signs; old and new tokens verify everywhere.
     let o = keyfleet(&["keys", "rotate", "--authority", &auth.grpc], Some(&admin));
     assert!(o.status.success(), "rotate: {}", stderr(&o));
-    let after = active_kid(&keys_json(&auth));
+    let after = active_kid(&keys_json(&auth, &admin));
     assert_ne!(before, after);
     let token2 = issue(&auth, &admin);
     for node in &nodes {
@@ -285,7 +310,7 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
     }
     let table = stdout(&keyfleet(
         &["keys", "list", "--authority", &auth.grpc],
-        None,
+        Some(&admin),
     ));
     assert!(
         table.contains(&after) && table.contains("retiring") && table.contains("node-2"),
@@ -301,14 +326,14 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
     assert_eq!(v["reason"], "BAD_SIGNATURE");
 
     // SIGKILL the authority: the fleet keeps verifying.
-    let jwks_before = keys_json(&auth)["keys"].clone();
+    let jwks_before = keys_json(&auth, &admin)["keys"].clone();
     drop(auth);
     for node in &nodes {
         assert_eq!(verify(node, &token2).0, 0);
     }
     // Restarted on the same data dir: same published keys, same signer; new tokens verify.
     let auth = authority(dir.path());
-    let list = keys_json(&auth);
+    let list = keys_json(&auth, &admin);
     assert_eq!(list["keys"], jwks_before);
     assert_eq!(active_kid(&list), after);
     let token3 = issue(&auth, &admin);
@@ -324,7 +349,7 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
     assert!(o.status.success(), "revoke: {}", stderr(&o));
     let table = stdout(&keyfleet(
         &["keys", "list", "--authority", &auth.grpc],
-        None,
+        Some(&admin),
     ));
     let line = table
         .lines()
@@ -367,6 +392,42 @@ fn admin_commands_need_the_credential() {
         "{}",
         stderr(&o)
     );
+
+    // The fleet view is for operators: `keys list` needs the admin credential too.
+    let o = keyfleet(&["keys", "list", "--authority", &auth.grpc], None);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("--admin-token-file"), "{}", stderr(&o));
+    let o = keyfleet(&["keys", "list", "--authority", &auth.grpc], Some(&wrong));
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("refused the admin credential"),
+        "{}",
+        stderr(&o)
+    );
+    let admin = dir.path().join("admin.token");
+    let o = keyfleet(&["keys", "list", "--authority", &auth.grpc], Some(&admin));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A verifier following an authority needs the fleet credential, and says where it is.
+    let o = keyfleet(
+        &[
+            "verifier",
+            "--authority",
+            &auth.grpc,
+            "--any-audience",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--node-token-file") && stderr(&o).contains("node.token"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -379,7 +440,12 @@ fn bad_input_gets_a_clear_answer() {
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("15m"), "{}", stderr(&o));
     // An unreachable authority: exit 69 and what to check.
-    let o = keyfleet(&["keys", "list", "--authority", "http://127.0.0.1:1"], None);
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "0".repeat(64)).unwrap();
+    let o = keyfleet(
+        &["keys", "list", "--authority", "http://127.0.0.1:1"],
+        Some(token.path()),
+    );
     assert_eq!(o.status.code(), Some(69));
     assert!(
         stderr(&o).contains("cannot reach the authority"),
@@ -539,7 +605,8 @@ fn sigkill_during_rotations_leaves_a_consistent_ring() {
     );
     // The final ring loads too.
     let auth = authority(dir.path());
-    let list = keys_json(&auth);
+    let admin = dir.path().join("admin.token");
+    let list = keys_json(&auth, &admin);
     let active = list["keys"]
         .as_array()
         .unwrap()
@@ -620,12 +687,19 @@ fn tls_and_mutual_tls_through_the_cli() {
         &f("client.pem"),
         "--authority-client-key",
         &f("client.key"),
+        "--node-token-file",
+        data.join("node.token").to_str().unwrap(),
         "--tls-cert",
         &f("server.pem"),
         "--tls-key",
         &f("server.key"),
         "--node-id",
         "tls-1",
+        // The tokens minted here, and the load generator's (its default audience).
+        "--audience",
+        "orders",
+        "--audience",
+        "loadtest",
     ]);
     let ver_url = ver.grpc.replace("http://", "https://");
     let admin = data.join("admin.token");
@@ -695,6 +769,40 @@ fn tls_and_mutual_tls_through_the_cli() {
     });
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["node_id"], "tls-1");
+    // Over mTLS the authority names the watcher by its certificate (DNS name verifier-1), not
+    // by the --node-id it says.
+    let list = eventually(30, "the certified watcher is listed", || {
+        let o = keyfleet(
+            &[
+                "keys",
+                "list",
+                "--authority",
+                &auth_url,
+                "--ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--json",
+            ],
+            Some(&admin),
+        );
+        let l: Value = serde_json::from_str(&stdout(&o)).ok()?;
+        let named = l["watchers"]
+            .as_array()?
+            .iter()
+            .any(|w| w["node_id"] == "verifier-1");
+        named.then_some(l)
+    });
+    assert!(
+        list["watchers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["node_id"] != "tls-1"),
+        "{list}"
+    );
     // The load generator takes the same TLS flags: it mints over mTLS and verifies over TLS.
     let report = dir.path().join("report.json");
     let o = keyfleet(

@@ -246,7 +246,16 @@ mod tests {
             ["k3".to_owned()],
             [("jti-denied".to_owned(), 5_000)],
         );
-        let policy = Policy::new("https://issuer.test");
+        let any_audience = Policy::new("https://issuer.test");
+        // A node guarding two audiences, one of which the tokens below name.
+        let guarding = Policy {
+            audiences: vec!["billing".into(), "orders".into()],
+            ..Policy::new("https://issuer.test")
+        };
+        let only_billing = Policy {
+            audiences: vec!["billing".into()],
+            ..Policy::new("https://issuer.test")
+        };
         let now = 2_000;
         let mut tokens: Vec<(String, Option<&str>)> = Vec::new();
         for i in 0..20 {
@@ -311,13 +320,15 @@ mod tests {
         let check = |set: &[(String, Option<&str>)]| {
             let items: Vec<(&str, Option<&str>)> =
                 set.iter().map(|(t, a)| (t.as_str(), *a)).collect();
-            let batch = validate_all(&items, &keys, now, &policy);
-            for ((token, audience), got) in set.iter().zip(batch) {
-                assert_eq!(
-                    got,
-                    validate(token, &keys, now, &policy, *audience),
-                    "{token}"
-                );
+            for policy in [&any_audience, &guarding, &only_billing] {
+                let batch = validate_all(&items, &keys, now, policy);
+                for ((token, audience), got) in set.iter().zip(batch) {
+                    assert_eq!(
+                        got,
+                        validate(token, &keys, now, policy, *audience),
+                        "{token}"
+                    );
+                }
             }
         };
         check(&tokens);
@@ -328,10 +339,15 @@ mod tests {
         // Every good token still verifies inside a failing batch.
         let items: Vec<(&str, Option<&str>)> =
             mixed.iter().map(|(t, a)| (t.as_str(), *a)).collect();
-        let ok = validate_all(&items, &keys, now, &policy)
-            .iter()
-            .filter(|v| v.is_ok())
-            .count();
-        assert_eq!(ok, tokens.len() + 1);
+        let ok = |policy| {
+            validate_all(&items, &keys, now, policy)
+                .iter()
+                .filter(|v| v.is_ok())
+                .count()
+        };
+        assert_eq!(ok(&any_audience), tokens.len() + 1);
+        assert_eq!(ok(&guarding), tokens.len() + 1);
+        // Every token names only "orders": a node guarding only "billing" accepts none.
+        assert_eq!(ok(&only_billing), 0);
     }
 }
