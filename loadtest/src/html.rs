@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{Event, Report};
+use crate::report::{Event, EventKind, Report};
 
 const W: f64 = 900.0;
 const BLUE: &str = "#2563eb";
@@ -197,13 +197,13 @@ fn line_chart(h: &mut String, xs: &[f64], ys: &[f64], colour: &str, events: &[Ev
         height - 6.0
     );
     for e in events {
-        let c = if e.kind == "kill" { RED } else { BLUE };
+        let c = if e.kind == EventKind::Kill { RED } else { BLUE };
         let _ = write!(
             h,
             r#"<line x1="{0:.1}" x2="{0:.1}" y1="{top}" y2="{1}" stroke="{c}" stroke-dasharray="4 3"><title>{2} {3} at {4:.1}s</title></line>"#,
             px(e.t),
             height - bottom,
-            esc(&e.kind),
+            esc(e.kind.as_str()),
             esc(&e.detail),
             e.t
         );

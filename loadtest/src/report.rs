@@ -37,8 +37,27 @@ pub struct Second {
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub t: f64,
-    pub kind: String,
+    pub kind: EventKind,
+    /// The new kid (rotation) or the killed node's name (kill).
     pub detail: String,
+}
+
+/// What happened; in the JSON report as `"rotation"` or `"kill"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Rotation,
+    Kill,
+}
+
+impl EventKind {
+    /// The name the JSON report uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Rotation => "rotation",
+            EventKind::Kill => "kill",
+        }
+    }
 }
 
 /// Server cost, measured in the same run on the same machine (see ARCHITECTURE.md).
@@ -239,4 +258,24 @@ impl Report {
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Event, EventKind};
+
+    /// The event kinds are part of the `--report-json` contract.
+    #[test]
+    fn event_kinds_keep_their_json_names() {
+        for (kind, name) in [(EventKind::Rotation, "rotation"), (EventKind::Kill, "kill")] {
+            let event = Event {
+                t: 1.5,
+                kind,
+                detail: "x".into(),
+            };
+            let json = serde_json::to_string(&event).expect("serializable");
+            assert_eq!(json, format!(r#"{{"t":1.5,"kind":"{name}","detail":"x"}}"#));
+            assert_eq!(kind.as_str(), name);
+        }
+    }
 }

@@ -19,10 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyfleet_core::RingPolicy;
+use keyfleet_runtime::Clock;
 use keyfleet_runtime::limits::Limits;
 use keyfleet_runtime::tls::ServerTls;
-use keyfleet_runtime::{CancellationToken, Clock};
-use tokio::net::TcpListener;
 
 pub use authority::Authority;
 pub use error::OpenError;
@@ -118,15 +117,4 @@ impl Config {
             ..Config::new(data_dir)
         }
     }
-}
-
-/// Opens the authority and serves it until `shutdown` is cancelled.
-pub async fn run(
-    grpc: TcpListener,
-    http: TcpListener,
-    config: Config,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let authority = Authority::open(config)?;
-    authority.serve(grpc, http, shutdown).await
 }

@@ -54,10 +54,3 @@ pub fn system_now() -> UnixSeconds {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
-
-/// Milliseconds since the Unix epoch, for log lines and reports.
-pub fn system_now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}

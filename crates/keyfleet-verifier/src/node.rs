@@ -120,6 +120,18 @@ impl Verifier {
         (self.inner.cache.len(), self.inner.cache.capacity())
     }
 
+    /// Answers served from the verified-token cache since this node started
+    /// (`keyfleet_cache_hits_total`), for in-process measurements.
+    pub fn cache_hits(&self) -> u64 {
+        self.inner.metrics.cache.hits.get()
+    }
+
+    /// Verify calls the cache could not answer since this node started
+    /// (`keyfleet_cache_misses_total`).
+    pub fn cache_misses(&self) -> u64 {
+        self.inner.metrics.cache.misses.get()
+    }
+
     /// Serves gRPC on `grpc` and HTTP on `http` and keeps the key set fresh, until `shutdown`.
     pub async fn serve(
         self,

@@ -379,7 +379,8 @@ pub enum TokenCommand {
         conn: AuthorityConn,
         #[command(flatten)]
         cred: AdminCred,
-        /// The token's `jti`.
+        /// The token's `jti` (one that starts with `-` is taken as it is).
+        #[arg(allow_hyphen_values = true)]
         jti: String,
         /// Until when: the token's `exp` as Unix seconds, an RFC 3339 time, or a duration from now (15m).
         #[arg(long)]
@@ -418,7 +419,9 @@ pub enum KeysCommand {
         conn: AuthorityConn,
         #[command(flatten)]
         cred: AdminCred,
-        /// The key's kid (see `keyfleet keys list`).
+        /// The key's kid (see `keyfleet keys list`). Kids are base64url, so about one in 64
+        /// starts with `-`: it is taken as the kid, not as a flag.
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
 }
@@ -598,4 +601,32 @@ async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
     cancel_on_signal(shutdown.clone());
     verifier.serve(grpc, http, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// Kids and jtis are base64url: an operator must be able to revoke one that starts with `-`
+    /// in an emergency without knowing to write `--` first.
+    #[test]
+    fn ids_that_start_with_a_hyphen_are_ids() {
+        let cli = Cli::try_parse_from(["keyfleet", "keys", "revoke", "-AbCdEf_-12"]).unwrap();
+        let Command::Keys(KeysCommand::Revoke { kid, .. }) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(kid, "-AbCdEf_-12");
+        for args in [
+            ["keyfleet", "token", "revoke", "-hXyZ", "--until", "15m"],
+            ["keyfleet", "token", "revoke", "--until", "15m", "-hXyZ"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::Token(TokenCommand::Revoke { jti, until, .. }) = cli.command else {
+                panic!("parsed as {:?}", cli.command);
+            };
+            assert_eq!((jti.as_str(), until.as_str()), ("-hXyZ", "15m"), "{args:?}");
+        }
+    }
 }

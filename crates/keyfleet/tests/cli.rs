@@ -364,6 +364,39 @@ fn operator_flow_across_rotation_and_authority_sigkill() {
 }
 
 #[test]
+fn ids_that_start_with_a_hyphen_can_be_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = authority(dir.path());
+    let admin = dir.path().join("admin.token");
+    let o = keyfleet(
+        &[
+            "token",
+            "revoke",
+            "-AbCdEfGh",
+            "--until",
+            "15m",
+            "--authority",
+            &auth.grpc,
+        ],
+        Some(&admin),
+    );
+    assert!(o.status.success(), "token revoke -AbCdEfGh: {}", stderr(&o));
+    // A kid the ring does not hold reaches the authority (and is refused there), instead of
+    // being taken for a flag.
+    let o = keyfleet(
+        &["keys", "revoke", "-Zz0", "--authority", &auth.grpc],
+        Some(&admin),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(!err.contains("unexpected argument"), "{err}");
+    assert!(
+        err.contains("-Zz0"),
+        "the authority names the unknown kid: {err}"
+    );
+}
+
+#[test]
 fn admin_commands_need_the_credential() {
     let dir = tempfile::tempdir().unwrap();
     let auth = authority(dir.path());

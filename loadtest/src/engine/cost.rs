@@ -1,0 +1,264 @@
+//! The server-cost measurements of `--local` runs (see ARCHITECTURE.md, "How server cost is
+//! measured"): after the load, the same load shape replayed as the empty gRPC call, as `Verify`
+//! and `VerifyBatch` with every node's cache off, and one thread calling a node's verify path
+//! in-process; each timed by the CPU clock of the threads that did the work.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyfleet_proto::v1::verifier_client::VerifierClient;
+use keyfleet_proto::v1::{VerifyBatchRequest, VerifyRequest};
+use keyfleet_verifier::Verifier;
+use rand::Rng as _;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::schedule::schedule;
+use super::state::{Shared, read};
+use super::{Load, LoadOptions, SERVER_THREADS};
+use crate::cluster::Node;
+use crate::cpu;
+use crate::report::Efficiency;
+
+/// Tokens per `VerifyBatch` in the batch measurement.
+const BATCH: usize = 64;
+/// Each in-process figure loops for at least this long, so the thread's CPU clock (updated by
+/// the scheduler every few ms) is read precisely enough.
+const INPROCESS_MIN: Duration = Duration::from_millis(300);
+
+/// The cost section before anything is measured (all a remote run can have).
+pub(super) fn unmeasured() -> Efficiency {
+    Efficiency {
+        batch_size: BATCH,
+        method: "remote verifiers: server CPU is not measurable from the client; run with --local for the efficiency figures".into(),
+        ..Efficiency::default()
+    }
+}
+
+/// Cache (hits, misses) summed over the local verifiers since they started; `None` when a
+/// node has no in-process handle.
+pub(super) fn cache_counts(nodes: &[Node]) -> Option<(u64, u64)> {
+    nodes.iter().try_fold((0, 0), |(hits, misses), node| {
+        let v = node.verifier.as_ref()?;
+        Some((hits + v.cache_hits(), misses + v.cache_misses()))
+    })
+}
+
+/// After the load: the empty-call cost, the uncached and batched server cost, and the
+/// in-process costs, each under the run's load shape.
+pub(super) async fn measure_cost(
+    shared: &Arc<Shared>,
+    options: &LoadOptions,
+    verifiers: &[(String, Verifier)],
+    cost: &mut Efficiency,
+) {
+    let phase = (options.duration / 6).clamp(Duration::from_millis(800), Duration::from_secs(3));
+    let load = options.load;
+    let valid: Vec<String> = read(&shared.pool)
+        .valid
+        .iter()
+        .map(|t| t.token.clone())
+        .collect();
+    // The empty call: gRPC health Check on every node.
+    let health: Vec<HealthClient<Channel>> = shared
+        .channels
+        .iter()
+        .map(|c| HealthClient::new(c.clone()))
+        .collect();
+    cost.empty_call_us = server_cost(load, phase, move |i| {
+        let mut h = health[i % health.len()].clone();
+        async move {
+            h.check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| 1)
+            .unwrap_or(0)
+        }
+    })
+    .await;
+
+    // Cache off on every node: every Verify fully checked, one by one and in batches.
+    let saved: Vec<usize> = verifiers.iter().map(|(_, v)| v.cache_usage().1).collect();
+    for (_, v) in verifiers {
+        v.set_cache_capacity(0);
+    }
+    let clients: Vec<VerifierClient<Channel>> = shared
+        .channels
+        .iter()
+        .map(|c| VerifierClient::new(c.clone()))
+        .collect();
+    let (c1, v1, aud) = (clients.clone(), valid.clone(), shared.audience.clone());
+    cost.server_cpu_us_per_verify_uncached = server_cost(load, phase, move |i| {
+        let mut c = c1[i % c1.len()].clone();
+        let req = VerifyRequest {
+            token: v1[i % v1.len()].clone(),
+            audience: aud.clone(),
+        };
+        async move { c.verify(req).await.map(|_| 1).unwrap_or(0) }
+    })
+    .await;
+    let (c2, v2, aud) = (clients, valid.clone(), shared.audience.clone());
+    // A batch carries BATCH tokens: fewer calls for the same tokens per second, or fewer in
+    // flight, so the nodes see about the same work as in the one-by-one phase.
+    let batch_load = match load {
+        Load::Rate(r) => Load::Rate((r / BATCH as u64).max(1)),
+        Load::Concurrency(c) => Load::Concurrency(c.clamp(1, 8)),
+    };
+    cost.server_cpu_us_per_batched_token = server_cost(batch_load, phase, move |i| {
+        let mut c = c2[i % c2.len()].clone();
+        let requests = (0..BATCH)
+            .map(|k| VerifyRequest {
+                token: v2[(i * BATCH + k) % v2.len()].clone(),
+                audience: aud.clone(),
+            })
+            .collect();
+        async move {
+            c.verify_batch(VerifyBatchRequest { requests })
+                .await
+                .map(|r| r.into_inner().responses.len() as u64)
+                .unwrap_or(0)
+        }
+    })
+    .await;
+
+    // In-process, on one core: the run's mix (cache back on, warm), uncached, hits, batches.
+    let mix: Vec<String> = {
+        let pool = read(&shared.pool);
+        let mut rng = rand::rng();
+        (0..4000)
+            .map(|_| {
+                let bad = !pool.invalid.is_empty() && rng.random_bool(shared.invalid_ratio);
+                let from = if bad { &pool.invalid } else { &pool.valid };
+                from[rng.random_range(0..from.len())].token.clone()
+            })
+            .collect()
+    };
+    if let Some((_, node)) = verifiers.first() {
+        let (node, aud) = (node.clone(), shared.audience.clone());
+        let saved0 = saved[0];
+        // A blocking-pool thread of its own: "one core", timed by that thread's CPU time.
+        let measured =
+            tokio::task::spawn_blocking(move || inprocess(&node, &aud, &mix, &valid, saved0))
+                .await
+                .ok()
+                .flatten();
+        if let Some((uncached, batch, hit, mixed)) = measured {
+            cost.inprocess_verify_uncached_us = Some(uncached);
+            cost.inprocess_batch_us = Some(batch);
+            cost.inprocess_cache_hit_us = Some(hit);
+            cost.inprocess_verify_us = Some(mixed);
+        }
+    }
+    for ((_, v), cap) in verifiers.iter().zip(saved) {
+        v.set_cache_capacity(cap);
+    }
+    if let (Some(b), Some(s)) = (
+        cost.server_cpu_us_per_batched_token,
+        cost.server_cpu_us_per_verify_uncached,
+    ) {
+        cost.batch_ratio = Some(b / s);
+    }
+    if let (Some(i), Some(e), Some(s)) = (
+        cost.inprocess_verify_uncached_us,
+        cost.empty_call_us,
+        cost.server_cpu_us_per_verify_uncached,
+    ) {
+        cost.efficiency_uncached = Some((i + e) / s);
+    }
+    cost.method =
+        "the local verifiers run on their own Tokio runtime (threads named kf-verifier); \
+server CPU = the CPU time those threads used (Linux /proc/self/task/*/schedstat) ÷ answers, so the \
+load generator's own CPU is not counted. Empty call = the same for gRPC health Check under the \
+same load shape; uncached and batch = the same with every node's cache off; in-process = one \
+thread calling the verifier's verify path directly (CPU time of that thread ÷ tokens)."
+            .into();
+}
+
+/// Server CPU (µs) per unit of work while `call(i)` runs under `load` for `phase`.
+async fn server_cost<F, Fut>(load: Load, phase: Duration, call: F) -> Option<f64>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = u64> + Send + 'static,
+{
+    let before = cpu::threads_cpu_ns(SERVER_THREADS)?;
+    let end = Instant::now() + phase;
+    let units = schedule(load, end, move |slot| Some(call(slot.index))).await;
+    let after = cpu::threads_cpu_ns(SERVER_THREADS)?;
+    (units > 0).then(|| (after - before) as f64 / 1000.0 / units as f64)
+}
+
+/// On this (fresh) thread: µs per token for (uncached, batched, cache hit, the run's mix).
+/// Each figure loops over its tokens for at least [`INPROCESS_MIN`].
+fn inprocess(
+    node: &Verifier,
+    audience: &str,
+    mix: &[String],
+    valid: &[String],
+    capacity: usize,
+) -> Option<(f64, f64, f64, f64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let requests: Vec<VerifyRequest> = valid
+        .iter()
+        .map(|t| VerifyRequest {
+            token: t.clone(),
+            audience: audience.to_owned(),
+        })
+        .collect();
+    rt.block_on(async {
+        // Uncached: every token fully checked.
+        node.set_cache_capacity(0);
+        let uncached = per_token(valid.len(), || async {
+            for t in valid {
+                let _ = node.verify_token(t, audience).await;
+            }
+        })
+        .await?;
+        let batch = per_token(requests.len(), || async {
+            for chunk in requests.chunks(BATCH) {
+                let _ = node.verify_batch(chunk).await;
+            }
+        })
+        .await?;
+        // Cache on and warm: hits only.
+        node.set_cache_capacity(capacity.max(valid.len()));
+        let hit = per_token(valid.len(), || async {
+            for t in valid {
+                let _ = node.verify_token(t, audience).await;
+            }
+        })
+        .await?;
+        node.set_cache_capacity(capacity);
+        let mixed = per_token(mix.len(), || async {
+            for t in mix {
+                let _ = node.verify_token(t, audience).await;
+            }
+        })
+        .await?;
+        Some((uncached, batch, hit, mixed))
+    })
+}
+
+/// CPU µs of this thread per token, repeating `round` (of `n` tokens) for at least
+/// [`INPROCESS_MIN`].
+async fn per_token<F, Fut>(n: usize, round: F) -> Option<f64>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let start_cpu = cpu::this_thread_cpu_ns()?;
+    let start = Instant::now();
+    let mut rounds = 0;
+    while rounds == 0 || start.elapsed() < INPROCESS_MIN {
+        round().await;
+        rounds += 1;
+    }
+    let used = cpu::this_thread_cpu_ns()? - start_cpu;
+    Some(used as f64 / 1000.0 / (rounds * n.max(1)) as f64)
+}

@@ -1,0 +1,229 @@
+//! The load generator's entry point ([`run`]) and what a run can be asked ([`LoadOptions`]):
+//! open-loop (`rate`, latency from the intended send time, so coordinated omission cannot
+//! hide a stall) or closed-loop (`concurrency`) `Verify` traffic spread over every node, with
+//! tokens of known verdicts, key rotations, node kills, retries on another node, and the
+//! server-cost measurements of the report.
+//!
+//! The jobs, one file each: `drive` (one run, from connecting to the report), `tokens` (the
+//! pool of tokens with known verdicts, forgeries, fresh minting), `minter` (the authority as
+//! the load uses it), `state` (what the workers and background tasks share), `request` (one
+//! `Verify` with retries, and judging its answer), `schedule` (the open/closed-loop
+//! scheduler of both the run and the cost phases), `counters` (per-second and total counts),
+//! `ticker` (the timeline and progress line), `chaos` (rotations and node kills) and `cost`
+//! (the server-cost measurements).
+
+mod chaos;
+mod cost;
+mod counters;
+mod drive;
+mod minter;
+mod request;
+mod schedule;
+mod state;
+mod ticker;
+mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keyfleet_proto::v1::Reason;
+use keyfleet_proto::v1::authority_client::AuthorityClient;
+use tonic::transport::Endpoint;
+
+use crate::cluster::{ClusterOptions, LocalCluster};
+use crate::report::Report;
+use drive::drive;
+use minter::Minter;
+
+/// The verifier runtime's thread name, how their CPU time is found in `/proc`.
+const SERVER_THREADS: &str = "kf-verifier";
+/// A legitimate token counts in `tokens_on_multiple_nodes_ratio` once verified this often: with
+/// non-sticky routing over N nodes, the chance it met only one node is N·(1/N)^10.
+pub const SPREAD_MIN_CHECKS: u64 = 10;
+/// A request's deadline on one node, before it is retried on another.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which cluster to load.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Start an authority and this many verifiers in this process (regions `a`, `b`).
+    Local { verifiers: usize },
+    /// Existing servers: the authority mints (with the admin token), the verifiers answer.
+    Remote {
+        authority: String,
+        verifiers: Vec<String>,
+        admin_token: String,
+    },
+}
+
+/// Open loop or closed loop.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// Constant arrival rate, requests per second.
+    Rate(u64),
+    /// This many requests always in flight.
+    Concurrency(usize),
+}
+
+/// How each request picks its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Random,
+    RoundRobin,
+}
+
+/// Which tokens that must be refused are mixed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    /// All of the kinds below.
+    Any,
+    /// Signed by a key the authority never had, under a real kid (BAD_SIGNATURE).
+    Forged,
+    /// Minted with a 1 s lifetime and sent once past it and the leeway (EXPIRED).
+    Expired,
+    /// Minted for another audience (WRONG_AUDIENCE).
+    WrongAudience,
+    /// A made-up kid (UNKNOWN_KID): each one asks the node for a (rate-limited) refresh.
+    UnknownKid,
+}
+
+impl Invalid {
+    fn allows(self, reason: Reason) -> bool {
+        match self {
+            Invalid::Any => true,
+            Invalid::Forged => reason == Reason::BadSignature,
+            Invalid::Expired => reason == Reason::Expired,
+            Invalid::WrongAudience => reason == Reason::WrongAudience,
+            Invalid::UnknownKid => reason == Reason::UnknownKid,
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub target: Target,
+    pub duration: Duration,
+    pub load: Load,
+    /// Legitimate tokens in the pool (a few are replaced by fresh ones every 250 ms).
+    pub tokens: usize,
+    pub pick: Pick,
+    pub connections_per_node: usize,
+    pub rotate_every: Option<Duration>,
+    /// Local only: kill a random verifier this often, and start it again shortly after.
+    pub kill_every: Option<Duration>,
+    /// Share of requests carrying a token that must be refused.
+    pub invalid_ratio: f64,
+    /// Which kinds of refused tokens.
+    pub invalid_kind: Invalid,
+    /// Audience minted into tokens and asked for in `Verify`.
+    pub audience: String,
+    /// The verifiers' clock leeway: an expired token is used only once surely refused.
+    pub leeway: Duration,
+    /// Local only: the verifiers' verified-token cache bound (node default when `None`).
+    pub cache_entries: Option<usize>,
+    /// Measure the server cost (empty call, uncached, batch, in-process) after the load.
+    pub measure_cost: bool,
+    /// Print a live progress line on stderr (when it is a terminal).
+    pub progress: bool,
+    /// TLS for `https://` targets (CA to trust, client certificate for mutual TLS).
+    pub tls: keyfleet_runtime::tls::ClientTls,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            target: Target::Local { verifiers: 3 },
+            duration: Duration::from_secs(30),
+            load: Load::Concurrency(32),
+            tokens: 1000,
+            pick: Pick::Random,
+            connections_per_node: 2,
+            rotate_every: None,
+            kill_every: None,
+            invalid_ratio: 0.05,
+            invalid_kind: Invalid::Any,
+            audience: "loadtest".into(),
+            leeway: Duration::from_secs(60),
+            cache_entries: None,
+            measure_cost: true,
+            progress: true,
+            tls: keyfleet_runtime::tls::ClientTls::default(),
+        }
+    }
+}
+
+/// Runs a load test and returns its report. A failed check is in the report (see
+/// [`Report::passed`]); an error means the run itself could not happen.
+pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
+    match options.target.clone() {
+        Target::Local { verifiers } => run_local(options, verifiers).await,
+        Target::Remote {
+            authority,
+            verifiers,
+            admin_token,
+        } => {
+            let channel = endpoint(&authority, &options.tls)?.connect_lazy();
+            let minter = Minter {
+                client: AuthorityClient::new(channel),
+                admin_token,
+            };
+            let target = format!("{} verifiers at {}", verifiers.len(), verifiers.join(","));
+            drive(&options, target, &verifiers, minter, None).await
+        }
+    }
+}
+
+async fn run_local(options: LoadOptions, verifiers: usize) -> anyhow::Result<Report> {
+    // The verifiers get their own runtime (named threads) so their CPU is measurable apart
+    // from the load generator's.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(SERVER_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the verifiers' runtime")?;
+    let mut cluster_options = ClusterOptions {
+        verifiers,
+        runtime: Some(runtime.handle().clone()),
+        cache_entries: options.cache_entries,
+        // The nodes guard the audience the load mints for; its wrong-audience tokens must fail.
+        audiences: vec![options.audience.clone()],
+        ..ClusterOptions::default()
+    };
+    // A short leeway, so tokens minted with a 1 s lifetime are surely EXPIRED within seconds.
+    cluster_options.policy.leeway = 1;
+    let cluster = LocalCluster::start(cluster_options)
+        .await
+        .context("starting the local cluster")?;
+    let urls = cluster.verifier_urls();
+    let minter = Minter {
+        client: cluster.authority_client().await?,
+        admin_token: cluster.admin_token.clone(),
+    };
+    let mut options = options;
+    options.leeway = Duration::from_secs(1);
+    let target = format!("local cluster: 1 authority, {verifiers} verifiers (regions a, b)");
+    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
+    let result = drive(&options, target, &urls, minter, Some(cluster.clone())).await;
+    if let Ok(cluster) = Arc::try_unwrap(cluster) {
+        cluster.into_inner().shutdown().await.ok();
+    }
+    runtime.shutdown_background();
+    result
+}
+
+/// The gRPC client settings of every connection the load makes (authority and verifiers).
+fn endpoint(url: &str, tls: &keyfleet_runtime::tls::ClientTls) -> anyhow::Result<Endpoint> {
+    Ok(keyfleet_runtime::tls::endpoint(url, tls)
+        .with_context(|| format!("bad URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(ATTEMPT_TIMEOUT)
+        // A killed node sends no reset: keepalive pings find the dead connection within ~2 s
+        // so the channel reconnects instead of sending every request into the void.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true))
+}
