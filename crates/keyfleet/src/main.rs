@@ -42,8 +42,15 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(e.downcast_ref::<cli::Exit>().map_or(1, |x| x.0))
+            // The exit code rides along as a context layer; the operator reads the message.
+            let code = e.downcast_ref::<cli::Exit>().map_or(1, |x| x.0);
+            let message: Vec<String> = e
+                .chain()
+                .filter(|cause| !cause.is::<cli::Exit>())
+                .map(ToString::to_string)
+                .collect();
+            eprintln!("error: {}", message.join(": "));
+            ExitCode::from(code)
         }
     }
 }

@@ -394,6 +394,10 @@ fn ids_that_start_with_a_hyphen_can_be_revoked() {
         err.contains("-Zz0"),
         "the authority names the unknown kid: {err}"
     );
+    assert!(
+        err.starts_with("error: ") && !err.contains("exit code"),
+        "the message, not the exit code's number: {err}"
+    );
 }
 
 #[test]
