@@ -214,12 +214,13 @@ where
         let inner = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, inner);
         let layer = self.layer.clone();
+        let budget = budget_of(request.uri().path());
+        let first_only = client_streams(request.uri().path());
         Box::pin(async move {
-            let path = request.uri().path().to_owned();
             let (parts, body) = request.into_parts();
             let received = tokio::time::timeout(
                 layer.body_timeout,
-                receive(body, client_streams(&path), layer.max_request_bytes),
+                receive(body, first_only, layer.max_request_bytes),
             )
             .await;
             let body = match received {
@@ -233,7 +234,7 @@ where
                     .into_http());
                 }
             };
-            let Ok(permit) = layer.budget(budget_of(&path)).clone().try_acquire_owned() else {
+            let Ok(permit) = layer.budget(budget).clone().try_acquire_owned() else {
                 layer.shed.inc();
                 let status = tonic::Status::resource_exhausted(
                     "the node is overloaded: retry with backoff or on another node",

@@ -119,6 +119,24 @@ pub fn check_dir_handle(
     check_dir_meta(&meta, what, path)
 }
 
+/// Owned by this process's effective uid.
+fn check_owner(
+    meta: &std::fs::Metadata,
+    what: &'static str,
+    path: &Path,
+) -> Result<(), SecureFsError> {
+    let uid = euid();
+    if meta.uid() != uid {
+        return Err(SecureFsError::ForeignOwner {
+            what,
+            path: path.to_owned(),
+            owner: meta.uid(),
+            uid,
+        });
+    }
+    Ok(())
+}
+
 fn check_dir_meta(
     meta: &std::fs::Metadata,
     what: &'static str,
@@ -131,15 +149,7 @@ fn check_dir_meta(
             expected: "directory",
         });
     }
-    let uid = euid();
-    if meta.uid() != uid {
-        return Err(SecureFsError::ForeignOwner {
-            what,
-            path: path.to_owned(),
-            owner: meta.uid(),
-            uid,
-        });
-    }
+    check_owner(meta, what, path)?;
     if meta.mode() & 0o022 != 0 {
         return Err(SecureFsError::DirWritable {
             what,
@@ -224,15 +234,7 @@ fn check_private_meta(
     path: &Path,
 ) -> Result<(), SecureFsError> {
     check_regular(meta, what, path)?;
-    let uid = euid();
-    if meta.uid() != uid {
-        return Err(SecureFsError::ForeignOwner {
-            what,
-            path: path.to_owned(),
-            owner: meta.uid(),
-            uid,
-        });
-    }
+    check_owner(meta, what, path)?;
     if meta.mode() & 0o077 != 0 {
         return Err(SecureFsError::FileOpen {
             what,
