@@ -1,18 +1,26 @@
 //! A whole keyfleet cluster in this process on `127.0.0.1:0`: one authority and N verifiers,
 //! each a real server on real sockets, with node restarts and kills for tests and the demo.
+//! Its calls to the authority go through the one admin client (`AdminClient`), its channels
+//! use the operator commands' gRPC settings (`Settings::COMMAND`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
+use keyfleet_authority::client::AdminClient;
 use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::verifier_client::VerifierClient;
-use keyfleet_proto::v1::{IssueTokenRequest, ListKeysRequest, RotateKeysRequest, VerifyRequest};
+use keyfleet_proto::v1::{IssueTokenRequest, VerifyRequest};
+use keyfleet_runtime::client::Settings;
+use keyfleet_runtime::tls::ClientTls;
 use keyfleet_runtime::{CancellationToken, Clock};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::Request;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+/// How often [`LocalCluster::rotate`] looks whether the promoted key signs yet.
+const ROTATE_POLL: Duration = Duration::from_millis(50);
 
 /// How to build the local cluster.
 #[derive(Debug, Clone)]
@@ -40,8 +48,8 @@ impl Default for ClusterOptions {
             regions: vec!["a".into(), "b".into()],
             policy: keyfleet_core::RingPolicy {
                 token_ttl: 300,
-                leeway: 60,
-                rotation_period: 24 * 3600,
+                leeway: keyfleet_core::DEFAULT_LEEWAY_SECS,
+                rotation_period: keyfleet_core::DEFAULT_ROTATION_PERIOD_SECS,
                 publish_ahead: 30,
             },
             issuer: "https://keyfleet.local".into(),
@@ -49,7 +57,7 @@ impl Default for ClusterOptions {
             runtime: None,
             cache_entries: None,
             // The load generator's default audience (`keyfleet loadtest --audience`).
-            audiences: vec!["loadtest".into()],
+            audiences: vec![crate::engine::DEFAULT_AUDIENCE.into()],
         }
     }
 }
@@ -101,7 +109,27 @@ pub struct LocalCluster {
     pub verifiers: Vec<Node>,
     pub admin_token: String,
     pub options: ClusterOptions,
+    /// The authority's admin client (with `admin_token`).
+    admin: AdminClient,
     dir: tempfile::TempDir,
+}
+
+/// Binds `addr` again for a restarted node. A killed node's listener closes a moment after the
+/// kill (its accept task sees the cancellation on its next poll), so the address may still be
+/// taken briefly: retried for up to 5 s.
+async fn rebind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            bound => return bound.with_context(|| format!("binding {addr} again")),
+        }
+    }
 }
 
 async fn listen() -> anyhow::Result<TcpListener> {
@@ -115,11 +143,13 @@ impl LocalCluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::tempdir().context("creating a temporary data dir")?;
         let (authority, admin_token) = Self::start_authority(&options, dir.path(), None).await?;
+        let admin = admin_client(&authority, &admin_token)?;
         let mut cluster = LocalCluster {
             authority,
             verifiers: Vec::new(),
             admin_token,
             options,
+            admin,
             dir,
         };
         for i in 0..cluster.options.verifiers {
@@ -137,26 +167,24 @@ impl LocalCluster {
     ) -> anyhow::Result<(Node, String)> {
         let data_dir = dir.join("authority");
         let config = keyfleet_authority::Config {
-            data_dir: data_dir.clone(),
             issuer: options.issuer.clone(),
-            admin_token_file: data_dir.join("admin.token"),
-            node_token_file: data_dir.join(keyfleet_authority::NODE_TOKEN_FILE),
             policy: options.policy,
-            kek: None,
             clock: options.clock.clone(),
             watcher_timeout: Duration::from_secs(10),
             tick_interval: Duration::from_millis(200),
             ..keyfleet_authority::Config::for_test(&data_dir)
         };
-        let authority = keyfleet_authority::Authority::open(config).map_err(|e| anyhow!("{e}"))?;
+        let authority =
+            keyfleet_authority::Authority::open(config).context("starting the authority")?;
         let admin_token = authority.admin_token();
         let (grpc, http) = match addrs {
-            Some((g, h)) => (TcpListener::bind(g).await?, TcpListener::bind(h).await?),
+            Some((g, h)) => (rebind(g).await?, rebind(h).await?),
             None => (listen().await?, listen().await?),
         };
         let (g, h) = (grpc.local_addr()?, http.local_addr()?);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(authority.serve(grpc, http, stop.clone()));
+        let serve = authority.serve(grpc, http, stop.clone());
+        let task = tokio::spawn(async move { Ok(serve.await?) });
         let node = Node {
             name: "authority".into(),
             region: String::new(),
@@ -179,37 +207,32 @@ impl LocalCluster {
         let source = keyfleet_verifier::Source::Authority {
             url: self.authority.grpc_url(),
         };
-        // Node defaults for anything not set here (the config grows; this stays valid).
-        let config = keyfleet_verifier::Config {
-            source: source.clone(),
-            issuer: None,
-            audiences: self.options.audiences.clone(),
-            any_audience: self.options.audiences.is_empty(),
-            leeway: Duration::from_secs(self.options.policy.leeway as u64),
-            refresh_interval: Duration::from_secs(30),
-            unknown_kid_cooldown: Duration::from_secs(1),
-            max_stale: Duration::from_secs(3600),
-            cache_dir: Some(self.dir.path().join(&name)),
-            // The fleet credential the authority wrote on its first start.
-            node_token_file: Some(self.node_token_file()),
-            node_id: name.clone(),
-            region: region.clone(),
-            max_token_bytes: 8192,
-            cache_entries: self
-                .options
-                .cache_entries
-                .unwrap_or(keyfleet_verifier::DEFAULT_CACHE_ENTRIES),
-            clock: self.options.clock.clone(),
-            ..keyfleet_verifier::Config::new(source)
-        };
+        // Node defaults for anything not set here; shorter intervals, so tests see changes soon.
+        let mut config = keyfleet_verifier::Config::new(source);
+        config.audiences = self.options.audiences.clone();
+        config.any_audience = self.options.audiences.is_empty();
+        config.leeway = Duration::from_secs(self.options.policy.leeway as u64);
+        config.refresh_interval = Duration::from_secs(30);
+        config.unknown_kid_cooldown = Duration::from_secs(1);
+        config.max_stale = Duration::from_secs(3600);
+        config.cache_dir = Some(self.dir.path().join(&name));
+        // The fleet credential the authority wrote on its first start.
+        config.node_token_file = Some(self.node_token_file());
+        config.node_id = name.clone();
+        config.region = region.clone();
+        if let Some(entries) = self.options.cache_entries {
+            config.cache_entries = entries;
+        }
+        config.clock = self.options.clock.clone();
         let (grpc, http) = match addrs {
-            Some((g, h)) => (TcpListener::bind(g).await?, TcpListener::bind(h).await?),
+            Some((g, h)) => (rebind(g).await?, rebind(h).await?),
             None => (listen().await?, listen().await?),
         };
         let (g, h) = (grpc.local_addr()?, http.local_addr()?);
         let stop = CancellationToken::new();
         let verifier = keyfleet_verifier::Verifier::open(config).await?;
         let serve = verifier.clone().serve(grpc, http, stop.clone());
+        let serve = async move { serve.await.map_err(anyhow::Error::from) };
         let task = match &self.options.runtime {
             Some(rt) => rt.spawn(serve),
             None => tokio::spawn(serve),
@@ -256,6 +279,7 @@ impl LocalCluster {
         let addrs = (self.authority.grpc, self.authority.http);
         let (node, token) =
             Self::start_authority(&self.options, self.dir.path(), Some(addrs)).await?;
+        self.admin = admin_client(&node, &token)?;
         self.authority = node;
         self.admin_token = token;
         Ok(())
@@ -279,13 +303,14 @@ impl LocalCluster {
         ))
     }
 
+    /// The authority's admin client (cheap to clone).
+    pub fn admin_client(&self) -> AdminClient {
+        self.admin.clone()
+    }
+
     /// Wraps `msg` with the admin credential.
     pub fn admin<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        if let Ok(v) = format!("Bearer {}", self.admin_token).parse() {
-            req.metadata_mut().insert("authorization", v);
-        }
-        req
+        self.admin.authorize(msg)
     }
 
     /// Mints a token for `subject` and `audience` at the authority.
@@ -294,44 +319,17 @@ impl LocalCluster {
         subject: &str,
         audience: &str,
     ) -> anyhow::Result<keyfleet_proto::v1::IssueTokenResponse> {
-        let mut client = self.authority_client().await?;
-        let req = IssueTokenRequest {
+        let request = IssueTokenRequest {
             subject: subject.into(),
             audience: vec![audience.into()],
-            ttl_seconds: 0,
-            claims: Default::default(),
+            ..IssueTokenRequest::default()
         };
-        Ok(client.issue_token(self.admin(req)).await?.into_inner())
+        Ok(self.admin.issue(request).await?)
     }
 
-    /// Rotates and waits until the promoted key signs. Returns the new active kid.
+    /// Rotates and waits until the promoted key signs. Returns its kid.
     pub async fn rotate(&self, timeout: Duration) -> anyhow::Result<String> {
-        let mut client = self.authority_client().await?;
-        let r = client
-            .rotate_keys(self.admin(RotateKeysRequest {}))
-            .await?
-            .into_inner();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let list = client
-                .list_keys(self.admin(ListKeysRequest {}))
-                .await?
-                .into_inner();
-            let active = list
-                .keys
-                .iter()
-                .find(|k| k.state() == keyfleet_proto::v1::KeyState::Active);
-            if active.is_some_and(|k| k.kid == r.promoting_kid) {
-                return Ok(r.promoting_kid);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(anyhow!(
-                    "key {} did not become active within {timeout:?}",
-                    r.promoting_kid
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Ok(self.admin.rotate_and_wait(timeout, ROTATE_POLL).await?)
     }
 
     /// Waits until every verifier answers Verify with a verdict (it holds a key set).
@@ -369,10 +367,19 @@ impl LocalCluster {
     }
 }
 
+/// The admin client of the authority `node`, connecting on first use.
+fn admin_client(node: &Node, admin_token: &str) -> anyhow::Result<AdminClient> {
+    let (url, tls) = (node.grpc_url(), ClientTls::default());
+    Ok(AdminClient::lazy(
+        &url,
+        &tls,
+        &Settings::COMMAND,
+        admin_token,
+    )?)
+}
+
 /// A lazily connecting channel to `url` (one per client; reused for every call).
 pub async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy())
+    let tls = ClientTls::default();
+    Ok(keyfleet_runtime::client::endpoint(url, &tls, &Settings::COMMAND)?.connect_lazy())
 }

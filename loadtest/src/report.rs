@@ -60,7 +60,7 @@ impl EventKind {
     }
 }
 
-/// Server cost, measured in the same run on the same machine (see ARCHITECTURE.md).
+/// Server cost, measured in the same run on the same machine (the method: docs/perf.md).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Efficiency {
     /// How the numbers were taken.

@@ -1,18 +1,21 @@
-//! The authority's errors: [`OpenError`] for start-up, and the one mapping of request errors to
-//! `tonic::Status`.
+//! The authority's errors: [`OpenError`] for start-up, [`ServeError`] for serving, and the one
+//! mapping of request errors to `tonic::Status`. (A refused configuration is a
+//! [`crate::ConfigError`], next to the checks.)
 
 use std::path::PathBuf;
 
 use keyfleet_core::RingError;
 use tonic::Status;
 
+use crate::config::ConfigError;
+
 /// Why the authority could not start. Nothing on disk is modified when one of these is returned
 /// (except [`OpenError::WriteRing`]/[`OpenError::AdminToken`], which report a failed write).
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("cannot create the data directory {path}: {source}")]
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create the data directory {path}")]
     DataDir {
         path: PathBuf,
         #[source]
@@ -22,7 +25,7 @@ pub enum OpenError {
         "the data directory {path} is in use by another keyfleet authority (it holds the directory's lock): stop that one first, or give this one its own --data-dir"
     )]
     Locked { path: PathBuf },
-    #[error("cannot read the key ring {path}: {source}")]
+    #[error("cannot read the key ring {path}")]
     ReadRing {
         path: PathBuf,
         #[source]
@@ -42,13 +45,13 @@ pub enum OpenError {
         "the key ring {path} is not sealed but a key-encryption key was given: start without --kek-file/KEYFLEET_KEK to use it"
     )]
     NotSealed { path: PathBuf },
-    #[error("cannot write the key ring {path}: {source}")]
+    #[error("cannot write the key ring {path}")]
     WriteRing {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read or create the token file {path}: {source}")]
+    #[error("cannot read or create the token file {path}")]
     AdminToken {
         path: PathBuf,
         #[source]
@@ -70,14 +73,27 @@ pub enum OpenError {
     /// by another user, or a symbolic link; the message says what to run.
     #[error(transparent)]
     Insecure(#[from] keyfleet_runtime::secure_fs::SecureFsError),
-    #[error("the system random number generator failed: {0}")]
-    Random(getrandom::Error),
-    #[error("the fleet credential (--node-token-file, default <data-dir>/node.token): {0}")]
+    #[error("the system random number generator failed")]
+    Random(#[source] getrandom::Error),
+    #[error("the fleet credential (--node-token-file, default <data-dir>/node.token)")]
     NodeToken(#[source] Box<OpenError>),
     #[error(
         "the fleet credential (--node-token-file) and the admin credential (--admin-token-file) hold the same token: verifiers would hold admin power; give each its own file (delete one to have it generated)"
     )]
     SameTokens,
+}
+
+/// Why [`crate::Authority::serve`] could not serve, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the {listener} listener has no local address")]
+    Listener {
+        listener: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Server(#[from] keyfleet_runtime::serve::ServeError),
 }
 
 /// Why a request failed; turned into a `Status` only by the `From` impl below.
@@ -91,10 +107,10 @@ pub(crate) enum ServiceError {
     InvalidArgument(String),
     #[error(transparent)]
     Ring(#[from] RingError),
-    #[error("cannot persist the key ring: {0}")]
+    #[error("cannot persist the key ring")]
     Persist(#[source] std::io::Error),
-    #[error("the system random number generator failed: {0}")]
-    Random(getrandom::Error),
+    #[error("the system random number generator failed")]
+    Random(#[source] getrandom::Error),
     #[error("the authority is shutting down")]
     ShuttingDown,
     #[error(
@@ -128,7 +144,8 @@ pub(crate) enum ServiceError {
 
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Status {
-        let message = err.to_string();
+        // The caller sees the cause too (`cannot persist the key ring: No space left on device`).
+        let message = keyfleet_runtime::error_chain(&err);
         match err {
             ServiceError::Unauthenticated => Status::unauthenticated(message),
             ServiceError::InvalidArgument(_) => Status::invalid_argument(message),

@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::admin::AdminToken;
-use crate::authority::Shared;
+use crate::authority::AuthorityState;
+use crate::convert::public;
 use crate::error::ServiceError;
 use crate::guard::{AdminGuard, Verdict};
 use crate::metrics::Credential;
@@ -31,7 +32,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const LOGGED_CHARS: usize = 64;
 
 pub(crate) struct AuthorityService {
-    shared: Arc<Shared>,
+    shared: Arc<AuthorityState>,
     /// Cancelled on shutdown: ends every watch stream so the server can drain.
     stop: CancellationToken,
     guard: AdminGuard,
@@ -61,7 +62,7 @@ fn shown(text: &str) -> String {
 
 impl AuthorityService {
     pub(crate) fn new(
-        shared: Arc<Shared>,
+        shared: Arc<AuthorityState>,
         stop: CancellationToken,
         guard: AdminGuard,
     ) -> AuthorityService {
@@ -313,26 +314,12 @@ impl pb::authority_server::Authority for AuthorityService {
     }
 }
 
-/// `snapshot` without its deny lists, as anyone may read it (like the HTTP JWKS). A revoked
-/// kid is already absent from `keys`.
-fn public(snapshot: &pb::JwksSnapshot) -> pb::JwksSnapshot {
-    pb::JwksSnapshot {
-        version: snapshot.version,
-        issuer: snapshot.issuer.clone(),
-        keys: snapshot.keys.clone(),
-        revoked_kids: Vec::new(),
-        revoked_tokens: Vec::new(),
-        active_kid: snapshot.active_kid.clone(),
-        generated_at: snapshot.generated_at,
-    }
-}
-
 /// Drives one admitted watch stream: pushes the current snapshot at once and the latest one
 /// after every change (a slow reader gets only the newest, never a backlog), and records the
 /// watcher's acknowledgements and heartbeats. Ends when the client goes away or on shutdown;
 /// the stream's slot is freed with it.
 async fn watch(
-    shared: Arc<Shared>,
+    shared: Arc<AuthorityState>,
     stop: CancellationToken,
     admitted: Admitted,
     tx: mpsc::Sender<Result<pb::JwksSnapshot, Status>>,
@@ -389,7 +376,7 @@ async fn watch(
 }
 
 /// Marks a watcher disconnected (it stays listed for a while) and lets promotions proceed.
-fn leave(shared: &Shared, me: Option<(String, u64)>) {
+fn leave(shared: &AuthorityState, me: Option<(String, u64)>) {
     if let Some((node_id, conn)) = me {
         shared
             .lock_watchers()

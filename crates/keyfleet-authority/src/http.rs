@@ -11,15 +11,15 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use crate::authority::Shared;
+use crate::authority::AuthorityState;
 
 #[derive(Clone)]
 struct HttpState {
-    shared: Arc<Shared>,
+    shared: Arc<AuthorityState>,
     local_addr: SocketAddr,
 }
 
-pub(crate) fn router(shared: Arc<Shared>, local_addr: SocketAddr) -> Router {
+pub(crate) fn router(shared: Arc<AuthorityState>, local_addr: SocketAddr) -> Router {
     Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .route(
@@ -69,10 +69,7 @@ async fn openid_configuration(
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    state
-        .shared
-        .metrics
-        .observe_watchers(&state.shared.lock_watchers(), state.shared.watcher_timeout);
+    state.shared.observe_watchers();
     (
         [(
             header::CONTENT_TYPE,

@@ -2,7 +2,6 @@
 //! manual clock to step through rotations and retention, and the key ring on disk.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -11,12 +10,14 @@ use keyfleet_authority::{Authority, Config, KEYRING_FILE, Kek, OpenError};
 use keyfleet_core::{Jwk, KeySet, RingPolicy};
 use keyfleet_proto::v1 as pb;
 use keyfleet_proto::v1::authority_client::AuthorityClient;
-use keyfleet_runtime::{CancellationToken, Clock};
+use keyfleet_runtime::Clock;
+use keyfleet_testkit::files::{mode, write_private};
+use keyfleet_testkit::grpc::{bearer as with_bearer, with_authorization};
+use keyfleet_testkit::serve::Pair;
+use keyfleet_testkit::{eventually, http};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tempfile::TempDir;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Streaming};
@@ -28,35 +29,70 @@ struct TestAuthority {
     http: SocketAddr,
     admin: String,
     node: String,
-    shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    served: Pair,
+    /// The data dir, when the authority made its own ([`TestAuthority::start_with`]).
+    dir: Option<TempDir>,
 }
 
 impl TestAuthority {
+    /// An authority on `config` (its data dir is the caller's).
     async fn spawn(config: Config) -> TestAuthority {
         keyfleet_runtime::telemetry::test_init();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let authority = Authority::open(config).unwrap();
         let admin = authority.admin_token();
         let node = authority.node_token();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(authority.serve(grpc, http, shutdown.clone()));
+        let served =
+            Pair::start(|grpc, http, shutdown| authority.serve(grpc, http, shutdown)).await;
         TestAuthority {
-            grpc: grpc_addr,
-            http: http_addr,
+            grpc: served.grpc,
+            http: served.http,
             admin,
             node,
-            shutdown,
-            task,
+            served,
+            dir: None,
         }
     }
 
+    /// An authority on a fresh data dir of its own, with the test config.
+    async fn start() -> TestAuthority {
+        TestAuthority::start_with(|config| config).await
+    }
+
+    /// An authority on a fresh data dir of its own, with `edit` applied to the test config.
+    async fn start_with(edit: impl FnOnce(Config) -> Config) -> TestAuthority {
+        let dir = tempfile::tempdir().unwrap();
+        let mut auth = TestAuthority::spawn(edit(Config::for_test(dir.path()))).await;
+        auth.dir = Some(dir);
+        auth
+    }
+
+    /// An authority on a fresh data dir of its own, on `clock` with [`policy`].
+    async fn manual(clock: &Clock) -> TestAuthority {
+        TestAuthority::start_with(|config| Config {
+            clock: clock.clone(),
+            policy: policy(),
+            ..config
+        })
+        .await
+    }
+
+    /// The data dir the authority made for itself.
+    fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .expect("started with a data dir of its own")
+            .path()
+    }
+
     async fn client(&self) -> AuthorityClient<Channel> {
-        AuthorityClient::connect(format!("http://{}", self.grpc))
+        AuthorityClient::connect(self.served.grpc_url())
             .await
             .unwrap()
+    }
+
+    /// `GET path` on the HTTP listener, with `Host: localhost`.
+    async fn get(&self, path: &str) -> http::Response {
+        http::get_as(self.http, "localhost", path).await
     }
 
     /// `msg` with the admin credential.
@@ -69,37 +105,40 @@ impl TestAuthority {
         with_bearer(msg, &self.node)
     }
 
+    /// Waits until the fleet view's watchers are as `holds` wants.
+    async fn until_watchers(&self, what: &str, holds: impl Fn(&[pb::WatcherInfo]) -> bool) {
+        let client = self.client().await;
+        let holds = &holds;
+        eventually(what, || {
+            let mut client = client.clone();
+            let admin = self.admin.as_str();
+            async move { holds(&list(&mut client, admin).await.watchers) }
+        })
+        .await;
+    }
+
+    /// Waits until the published key set is as `holds` wants.
+    async fn until_jwks(&self, what: &str, holds: impl Fn(&pb::JwksSnapshot) -> bool) {
+        let client = self.client().await;
+        let holds = &holds;
+        eventually(what, || {
+            let mut client = client.clone();
+            async move { holds(&jwks(&mut client).await) }
+        })
+        .await;
+    }
+
+    async fn rotate(&self, client: &mut AuthorityClient<Channel>) -> pb::RotateKeysResponse {
+        client
+            .rotate_keys(self.admin(pb::RotateKeysRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// Cancels and checks that both servers drain and `serve` returns Ok.
     async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the authority drains within 10s")
-            .unwrap();
-        result.unwrap();
-    }
-}
-
-fn with_bearer<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
-
-/// Polls `check` until it holds, for at most 10s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.served.stop().await;
     }
 }
 
@@ -243,15 +282,8 @@ async fn restart_publishes_the_same_keys_and_signs_with_the_same_key() {
     assert_ne!(admin, node, "the fleet credential is not the admin's");
     auth.stop().await;
 
-    #[cfg(unix)]
     for file in [KEYRING_FILE, "admin.token", "node.token"] {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.path().join(file))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600, "{file}");
+        assert_eq!(mode(&dir.path().join(file)), 0o600, "{file}");
     }
     // A crash may leave a temporary file behind: it is ignored and removed.
     std::fs::write(dir.path().join("keyring.json.tmp"), b"{ half a ring").unwrap();
@@ -289,16 +321,37 @@ fn one_data_dir_serves_one_authority() {
     drop(second);
 }
 
-#[test]
-fn open_refuses_bad_state_without_touching_the_disk() {
+/// A sealed ring (private keys under a KEK) in a fresh data dir: the dir and the KEK.
+fn sealed_ring() -> (TempDir, Kek) {
     let dir = tempfile::tempdir().unwrap();
     let kek = Kek::generate();
+    drop(
+        Authority::open(Config {
+            kek: Some(kek.clone()),
+            ..Config::for_test(dir.path())
+        })
+        .unwrap(),
+    );
+    (dir, kek)
+}
+
+/// An unsealed ring in a fresh data dir: the dir, and the ring's bytes.
+fn plain_ring() -> (TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Authority::open(Config::for_test(dir.path())).unwrap());
+    let bytes = std::fs::read(dir.path().join(KEYRING_FILE)).unwrap();
+    (dir, bytes)
+}
+
+/// A sealed ring opens with its KEK (from memory or a file), again and again; without it, with
+/// another, or with an unsafe policy it is refused, and the ring file is untouched.
+#[test]
+fn open_refuses_bad_state_without_touching_the_disk() {
+    let (dir, kek) = sealed_ring();
     let sealed_config = || Config {
         kek: Some(kek.clone()),
         ..Config::for_test(dir.path())
     };
-    let first = Authority::open(sealed_config()).unwrap();
-    drop(first);
     let ring_path = dir.path().join(KEYRING_FILE);
     let bytes = std::fs::read(&ring_path).unwrap();
     let file: Value = serde_json::from_slice(&bytes).unwrap();
@@ -307,15 +360,9 @@ fn open_refuses_bad_state_without_touching_the_disk() {
     // The right KEK opens it, again and again, with the same keys.
     let reopened = Authority::open(sealed_config()).unwrap();
     drop(reopened);
-    let kek_file = dir.path().join("kek");
-    std::fs::write(&kek_file, format!("{}\n", kek.to_hex())).unwrap();
     // A KEK file must be as private as the ring it opens (secure_files tests the refusals).
-    #[cfg(unix)]
-    std::fs::set_permissions(
-        &kek_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let kek_file = dir.path().join("kek");
+    write_private(&kek_file, format!("{}\n", kek.to_hex()));
     Authority::open(Config {
         kek: Some(Kek::from_file(&kek_file).unwrap()),
         ..Config::for_test(dir.path())
@@ -362,19 +409,28 @@ fn open_refuses_bad_state_without_touching_the_disk() {
         },
         "--publish-ahead",
     );
+}
 
-    // An unsealed ring refuses a KEK; a damaged ring is refused with advice.
-    let plain = tempfile::tempdir().unwrap();
-    drop(Authority::open(Config::for_test(plain.path())).unwrap());
-    let plain_ring = plain.path().join(KEYRING_FILE);
-    let plain_bytes = std::fs::read(&plain_ring).unwrap();
+#[test]
+fn an_unsealed_ring_refuses_a_kek() {
+    let (plain, plain_bytes) = plain_ring();
     let err = Authority::open(Config {
-        kek: Some(kek.clone()),
+        kek: Some(Kek::generate()),
         ..Config::for_test(plain.path())
     })
     .unwrap_err();
     assert!(matches!(err, OpenError::NotSealed { .. }), "{err}");
-    assert_eq!(std::fs::read(&plain_ring).unwrap(), plain_bytes);
+    assert_eq!(
+        std::fs::read(plain.path().join(KEYRING_FILE)).unwrap(),
+        plain_bytes
+    );
+}
+
+/// A truncated ring, or one missing a private key, is refused with advice and left as it is.
+#[test]
+fn a_damaged_ring_is_refused_with_advice() {
+    let (plain, plain_bytes) = plain_ring();
+    let plain_ring = plain.path().join(KEYRING_FILE);
     let mut damaged: Value = serde_json::from_slice(&plain_bytes).unwrap();
     let active = damaged["ring"]["keys"][0]["kid"]
         .as_str()
@@ -401,16 +457,12 @@ fn open_refuses_bad_state_without_touching_the_disk() {
         );
         assert_eq!(std::fs::read(&plain_ring).unwrap(), content, "{what}");
     }
+}
 
-    // A failed open creates no admin token file either.
+#[test]
+fn a_failed_open_creates_no_admin_token_file() {
     let fresh = tempfile::tempdir().unwrap();
-    std::fs::write(fresh.path().join(KEYRING_FILE), b"not json").unwrap();
-    #[cfg(unix)]
-    std::fs::set_permissions(
-        fresh.path().join(KEYRING_FILE),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    write_private(&fresh.path().join(KEYRING_FILE), b"not json");
     let err = Authority::open(Config::for_test(fresh.path())).unwrap_err();
     assert!(matches!(err, OpenError::CorruptRing { .. }), "{err}");
     assert!(!fresh.path().join("admin.token").exists());
@@ -418,8 +470,7 @@ fn open_refuses_bad_state_without_touching_the_disk() {
 
 #[tokio::test]
 async fn admin_calls_need_the_credential() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     let bad: [(&str, Option<&str>); 3] = [
         ("none", None),
@@ -427,30 +478,28 @@ async fn admin_calls_need_the_credential() {
         ("scheme", Some("Basic x")),
     ];
     for (what, header) in bad {
-        fn req<T>(msg: T, header: Option<&str>) -> Request<T> {
-            let mut req = Request::new(msg);
-            if let Some(h) = header {
-                req.metadata_mut()
-                    .insert("authorization", h.parse().unwrap());
-            }
-            req
-        }
         let issue = pb::IssueTokenRequest {
             subject: "s".into(),
             ..Default::default()
         };
         let codes = [
-            client.issue_token(req(issue, header)).await.map(drop),
             client
-                .rotate_keys(req(pb::RotateKeysRequest {}, header))
+                .issue_token(with_authorization(issue, header))
                 .await
                 .map(drop),
             client
-                .revoke_key(req(pb::RevokeKeyRequest { kid: "k".into() }, header))
+                .rotate_keys(with_authorization(pb::RotateKeysRequest {}, header))
                 .await
                 .map(drop),
             client
-                .revoke_token(req(
+                .revoke_key(with_authorization(
+                    pb::RevokeKeyRequest { kid: "k".into() },
+                    header,
+                ))
+                .await
+                .map(drop),
+            client
+                .revoke_token(with_authorization(
                     pb::RevokeTokenRequest {
                         jti: "j".into(),
                         until: 0,
@@ -478,13 +527,21 @@ async fn admin_calls_need_the_credential() {
         .list_keys(auth.admin(pb::ListKeysRequest {}))
         .await
         .unwrap();
+    auth.stop().await;
+}
 
-    // IssueToken validation.
+fn claims(k: &str, v: &str) -> HashMap<String, String> {
+    HashMap::from([(k.to_owned(), v.to_owned())])
+}
+
+#[tokio::test]
+async fn issue_token_refuses_a_bad_request() {
+    let auth = TestAuthority::start().await;
+    let mut client = auth.client().await;
     let base = || pb::IssueTokenRequest {
         subject: "svc".into(),
         ..Default::default()
     };
-    let claims = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
     let cases = [
         (
             pb::IssueTokenRequest {
@@ -538,6 +595,15 @@ async fn admin_calls_need_the_credential() {
             status.message()
         );
     }
+    auth.stop().await;
+}
+
+/// A minted token carries the subject, audiences, lifetime and claims asked for (a claim's
+/// JSON value as JSON), a fresh jti, and the longest lifetime when none is asked.
+#[tokio::test]
+async fn an_issued_token_carries_what_was_asked() {
+    let auth = TestAuthority::start().await;
+    let mut client = auth.client().await;
     let mut claims = claims("role", "admin");
     claims.insert("level".into(), "3".into());
     claims.insert("tags".into(), r#"["a","b"]"#.into());
@@ -650,39 +716,41 @@ async fn list(client: &mut AuthorityClient<Channel>, admin: &str) -> pb::ListKey
         .into_inner()
 }
 
+/// An authority on a manual clock at `START` watched by `node_id`, listed as connected: the
+/// authority, a client, the watch stream and the first snapshot it pushed.
+async fn watched(
+    clock: &Clock,
+    node_id: &str,
+) -> (
+    TestAuthority,
+    AuthorityClient<Channel>,
+    Watch,
+    pb::JwksSnapshot,
+) {
+    let auth = TestAuthority::manual(clock).await;
+    let mut client = auth.client().await;
+    let mut watch = Watch::open(&auth, &mut client, node_id).await;
+    let first = watch.next().await;
+    auth.until_watchers("the watcher is listed", |watchers| {
+        watchers.iter().any(|w| w.node_id == node_id && w.connected)
+    })
+    .await;
+    (auth, client, watch, first)
+}
+
 #[tokio::test]
 async fn promotion_waits_for_live_watchers_to_ack() {
-    let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(START);
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
-    let mut client = auth.client().await;
-    let mut watch = Watch::open(&auth, &mut client, "verifier-1").await;
-    let first = watch.next().await;
+    let (auth, mut client, mut watch, first) = watched(&clock, "verifier-1").await;
     assert_eq!(
         first,
         jwks(&mut client).await.into_with_time(first.generated_at)
     );
     let old_active = first.active_kid.clone();
     let next = next_kid(&first);
-    eventually("the watcher is listed", || {
-        let mut client = client.clone();
-        let admin = auth.admin.clone();
-        async move {
-            list(&mut client, &admin)
-                .await
-                .watchers
-                .iter()
-                .any(|w| w.node_id == "verifier-1" && w.connected)
-        }
-    })
-    .await;
 
     // The watcher has not acknowledged the version carrying the next key: no promotion yet.
-    let rotated = client
-        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = auth.rotate(&mut client).await;
     assert_eq!(rotated.promoting_kid, next);
     assert!(!rotated.activated);
     assert_eq!(rotated.active_kid, old_active);
@@ -694,7 +762,7 @@ async fn promotion_waits_for_live_watchers_to_ack() {
     }
     assert_eq!(issue(&auth, &mut client).await.kid, old_active);
     // Operators see the rotation waiting on a watcher.
-    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    let metrics = auth.get("/metrics").await.body;
     for line in [
         "keyfleet_watchers 1",
         "keyfleet_watchers_lagging 1",
@@ -729,31 +797,24 @@ async fn promotion_waits_for_live_watchers_to_ack() {
         (watcher.acked_version, watcher.region.as_str()),
         (version, "eu-west")
     );
+    // Stopping with a watch stream open still drains.
+    auth.stop().await;
+}
 
-    // Without an ack, publish-ahead is the latest a next key waits.
-    let second_next = next_kid(&pb::JwksSnapshot {
-        keys: pushed
-            .keys
-            .iter()
-            .filter(|k| k.kid != old_active)
-            .cloned()
-            .collect(),
-        ..pushed.clone()
-    });
-    let rotated = client
-        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+/// Without an ack, publish-ahead is the latest a next key waits.
+#[tokio::test]
+async fn without_an_ack_a_next_key_waits_at_most_publish_ahead() {
+    let clock = Clock::manual(START);
+    let (auth, mut client, mut watch, first) = watched(&clock, "verifier-1").await;
+    let next = next_kid(&first);
+    let rotated = auth.rotate(&mut client).await;
     assert_eq!(
         (rotated.promoting_kid.as_str(), rotated.activated),
-        (second_next.as_str(), false)
+        (next.as_str(), false)
     );
     clock.advance(policy().publish_ahead);
     let pushed = watch.next().await;
-    assert_eq!(pushed.active_kid, second_next);
-
-    // Stopping with a watch stream open still drains.
+    assert_eq!(pushed.active_kid, next);
     auth.stop().await;
 }
 
@@ -772,21 +833,16 @@ impl WithTime for pb::JwksSnapshot {
 
 #[tokio::test]
 async fn retiring_key_stays_published_until_its_tokens_expire() {
-    let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(START);
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let auth = TestAuthority::manual(&clock).await;
     let mut client = auth.client().await;
     let first = jwks(&mut client).await;
     let old = first.active_kid.clone();
     let token = issue(&auth, &mut client).await;
-    assert!(stored_private_kids(dir.path()).contains(&old));
+    assert!(stored_private_kids(auth.dir()).contains(&old));
 
     // No watcher: the next key is safe at once.
-    let rotated = client
-        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = auth.rotate(&mut client).await;
     assert!(rotated.activated);
     assert_ne!(rotated.active_kid, old);
     let listed = list(&mut client, &auth.admin).await;
@@ -795,10 +851,10 @@ async fn retiring_key_stays_published_until_its_tokens_expire() {
     assert_eq!(retiring.deactivated_at, START);
     assert_eq!(retiring.retire_at, START + 60 + 5);
     assert!(
-        !stored_private_kids(dir.path()).contains(&old),
+        !stored_private_kids(auth.dir()).contains(&old),
         "the private key is destroyed at deactivation"
     );
-    assert_eq!(stored_private_kids(dir.path()).len(), 2);
+    assert_eq!(stored_private_kids(auth.dir()).len(), 2);
 
     // Tokens it signed keep verifying until the retention ends.
     clock.advance(64);
@@ -810,10 +866,8 @@ async fn retiring_key_stays_published_until_its_tokens_expire() {
         old
     );
     clock.advance(1);
-    eventually("the retiring key leaves the JWKS", || {
-        let mut client = client.clone();
-        let old = old.clone();
-        async move { !kids(&jwks(&mut client).await).contains(&old) }
+    auth.until_jwks("the retiring key leaves the JWKS", |snapshot| {
+        !kids(snapshot).contains(&old)
     })
     .await;
     assert!(
@@ -826,21 +880,26 @@ async fn retiring_key_stays_published_until_its_tokens_expire() {
     auth.stop().await;
 }
 
+async fn revoke_key(
+    auth: &TestAuthority,
+    client: &mut AuthorityClient<Channel>,
+    kid: &str,
+) -> Result<pb::RevokeKeyResponse, tonic::Status> {
+    client
+        .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: kid.into() }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Revoking the active key pushes a set without it at once, signs with another key, destroys
+/// its private key and lists it as revoked with its history.
 #[tokio::test]
 async fn revocation_takes_effect_at_once() {
-    let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(START);
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
-    let mut client = auth.client().await;
-    let mut watch = Watch::open(&auth, &mut client, "verifier-r").await;
-    let first = watch.next().await;
+    let (auth, mut client, mut watch, first) = watched(&clock, "verifier-r").await;
     let old = first.active_kid.clone();
 
-    let revoked = client
-        .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: old.clone() }))
-        .await
-        .unwrap()
-        .into_inner();
+    let revoked = revoke_key(&auth, &mut client, &old).await.unwrap();
     assert_eq!(revoked.revoked_kid, old);
     assert_ne!(revoked.active_kid, old);
     assert!(revoked.version > first.version);
@@ -855,7 +914,7 @@ async fn revocation_takes_effect_at_once() {
         "the new active key and a new next key"
     );
     assert_eq!(issue(&auth, &mut client).await.kid, revoked.active_kid);
-    assert!(!stored_private_kids(dir.path()).contains(&old));
+    assert!(!stored_private_kids(auth.dir()).contains(&old));
     let listed = list(&mut client, &auth.admin).await;
     let entry = listed
         .keys
@@ -879,31 +938,44 @@ async fn revocation_takes_effect_at_once() {
         "{:?}",
         listed.watchers
     );
+    auth.stop().await;
+}
 
+#[tokio::test]
+async fn revoking_a_revoked_unknown_or_empty_kid_is_refused() {
+    let clock = Clock::manual(START);
+    let (auth, mut client, _watch, first) = watched(&clock, "verifier-r").await;
+    let old = first.active_kid;
+    revoke_key(&auth, &mut client, &old).await.unwrap();
     let errors = [
         (old.clone(), Code::FailedPrecondition),
         ("no-such-kid".to_owned(), Code::NotFound),
         (String::new(), Code::InvalidArgument),
     ];
     for (kid, code) in errors {
-        let status = client
-            .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: kid.clone() }))
-            .await
-            .unwrap_err();
+        let status = revoke_key(&auth, &mut client, &kid).await.unwrap_err();
         assert_eq!(status.code(), code, "{kid:?}: {status:?}");
     }
+    auth.stop().await;
+}
 
-    // Revoking the next key replaces it.
-    let next = next_kid(&pushed);
-    client
-        .revoke_key(auth.admin(pb::RevokeKeyRequest { kid: next.clone() }))
-        .await
-        .unwrap();
+#[tokio::test]
+async fn revoking_the_next_key_replaces_it() {
+    let clock = Clock::manual(START);
+    let (auth, mut client, mut watch, first) = watched(&clock, "verifier-r").await;
+    let next = next_kid(&first);
+    revoke_key(&auth, &mut client, &next).await.unwrap();
     let pushed = watch.next().await;
     assert!(!kids(&pushed).contains(&next));
     assert_eq!(pushed.keys.len(), 2);
+    auth.stop().await;
+}
 
-    // Single tokens.
+/// A single token is denied by its jti (required) until its expiry, pushed at once.
+#[tokio::test]
+async fn a_revoked_token_is_pushed_with_its_expiry() {
+    let clock = Clock::manual(START);
+    let (auth, mut client, mut watch, _) = watched(&clock, "verifier-r").await;
     let status = client
         .revoke_token(auth.admin(pb::RevokeTokenRequest {
             jti: String::new(),
@@ -935,14 +1007,17 @@ async fn revocation_takes_effect_at_once() {
 
 #[tokio::test]
 async fn scheduled_rotation_follows_the_clock() {
-    let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(START);
-    let policy = RingPolicy {
-        rotation_period: 100,
-        publish_ahead: 10,
-        ..policy()
-    };
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy)).await;
+    let auth = TestAuthority::start_with(|config| Config {
+        clock: clock.clone(),
+        policy: RingPolicy {
+            rotation_period: 100,
+            publish_ahead: 10,
+            ..policy()
+        },
+        ..config
+    })
+    .await;
     let mut client = auth.client().await;
     let first = jwks(&mut client).await;
     let listed = list(&mut client, &auth.admin).await;
@@ -960,17 +1035,16 @@ async fn scheduled_rotation_follows_the_clock() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(jwks(&mut client).await.active_kid, first.active_kid);
     clock.advance(1);
-    eventually("the scheduled rotation activates the next key", || {
-        let mut client = client.clone();
-        let next = next.clone();
-        async move { jwks(&mut client).await.active_kid == next }
-    })
+    auth.until_jwks(
+        "the scheduled rotation activates the next key",
+        |snapshot| snapshot.active_kid == next,
+    )
     .await;
     assert_eq!(
         list(&mut client, &auth.admin).await.next_rotation_at,
         START + 200
     );
-    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    let metrics = auth.get("/metrics").await.body;
     assert!(
         metrics.contains("keyfleet_rotations_total{trigger=\"scheduled\"} 1"),
         "{metrics}"
@@ -978,44 +1052,18 @@ async fn scheduled_rotation_follows_the_clock() {
     auth.stop().await;
 }
 
-/// A minimal HTTP/1.1 GET: status, lower-cased headers, body.
-async fn http_get(
-    addr: SocketAddr,
-    path: &str,
-    host: &str,
-) -> (u16, HashMap<String, String>, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
-}
-
 #[tokio::test]
 async fn http_serves_jwks_discovery_and_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     let snapshot = jwks(&mut client).await;
     issue(&auth, &mut client).await;
 
-    let (status, headers, body) = http_get(auth.http, "/.well-known/jwks.json", "localhost").await;
+    let http::Response {
+        status,
+        headers,
+        body,
+    } = auth.get("/.well-known/jwks.json").await;
     assert_eq!(status, 200);
     assert_eq!(headers["content-type"], "application/json");
     assert_eq!(
@@ -1032,14 +1080,14 @@ async fn http_serves_jwks_discovery_and_metrics() {
         assert_eq!(key, &expected);
     }
 
-    let (status, _, body) = http_get(
+    let discovery = http::get_as(
         auth.http,
-        "/.well-known/openid-configuration",
         "auth.example:8443",
+        "/.well-known/openid-configuration",
     )
     .await;
-    assert_eq!(status, 200);
-    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(discovery.status, 200);
+    let doc: Value = serde_json::from_str(&discovery.body).unwrap();
     assert_eq!(doc["issuer"], "keyfleet");
     assert_eq!(
         doc["jwks_uri"],
@@ -1050,8 +1098,9 @@ async fn http_serves_jwks_discovery_and_metrics() {
         serde_json::json!(["EdDSA"])
     );
 
-    let (status, _, body) = http_get(auth.http, "/metrics", "localhost").await;
-    assert_eq!(status, 200);
+    let metrics = auth.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let body = metrics.body;
     for line in [
         "keyfleet_keys{state=\"active\"} 1",
         "keyfleet_keys{state=\"next\"} 1",
@@ -1065,23 +1114,19 @@ async fn http_serves_jwks_discovery_and_metrics() {
     }
     assert!(!body.contains(&auth.admin));
 
-    let (status, _, _) = http_get(auth.http, "/healthz", "localhost").await;
-    assert_eq!(status, 200);
-    let (status, _, _) = http_get(auth.http, "/nope", "localhost").await;
-    assert_eq!(status, 404);
+    assert_eq!(auth.get("/healthz").await.status, 200);
+    assert_eq!(auth.get("/nope").await.status, 404);
     auth.stop().await;
 }
 
 #[tokio::test]
 async fn a_failed_write_publishes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual(START);
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let auth = TestAuthority::manual(&Clock::manual(START)).await;
     let mut client = auth.client().await;
     let first = jwks(&mut client).await;
 
     // The rename over the ring fails while its path is a non-empty directory.
-    let ring = dir.path().join(KEYRING_FILE);
+    let ring = auth.dir().join(KEYRING_FILE);
     let saved = std::fs::read(&ring).unwrap();
     std::fs::remove_file(&ring).unwrap();
     std::fs::create_dir(&ring).unwrap();
@@ -1096,10 +1141,7 @@ async fn a_failed_write_publishes_nothing() {
         "{}",
         status.message()
     );
-    let status = client
-        .revoke_key(auth.admin(pb::RevokeKeyRequest {
-            kid: first.active_kid.clone(),
-        }))
+    let status = revoke_key(&auth, &mut client, &first.active_kid)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -1113,14 +1155,10 @@ async fn a_failed_write_publishes_nothing() {
     // Once the disk takes writes again, the same request goes through.
     std::fs::remove_dir_all(&ring).unwrap();
     std::fs::write(&ring, saved).unwrap();
-    let rotated = client
-        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = auth.rotate(&mut client).await;
     assert!(rotated.activated);
     assert_eq!(rotated.promoting_kid, next_kid(&first));
-    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    let metrics = auth.get("/metrics").await.body;
     assert!(
         metrics.contains("keyfleet_keyring_persist_failures_total 2"),
         "{metrics}"
@@ -1138,10 +1176,9 @@ async fn a_failed_write_publishes_nothing() {
 /// rate-limited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_calls_are_rate_limited() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config {
+    let auth = TestAuthority::start_with(|config| Config {
         admin_rate: 1,
-        ..Config::for_test(dir.path())
+        ..config
     })
     .await;
     let mut client = auth.client().await;

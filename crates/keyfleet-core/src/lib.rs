@@ -15,8 +15,14 @@ pub mod token;
 pub use jwk::{Jwk, JwksDocument, JwksError, KeySet, RejectedKey, parse_jwks};
 pub use label::{escape_untrusted, is_valid_label};
 pub use reason::Reason;
-pub use ring::{KeyRecord, KeyRing, KeyState, NewKey, RingError, RingPolicy};
-pub use token::{Policy, TokenClaims, Verified, sign_token, validate, validate_with};
+pub use ring::{
+    DEFAULT_PUBLISH_AHEAD_SECS, DEFAULT_ROTATION_PERIOD_SECS, DEFAULT_TOKEN_TTL_SECS, KeyRecord,
+    KeyRing, KeyState, NewKey, RingError, RingPolicy,
+};
+pub use token::{
+    DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, Policy, TokenClaims, Verified, sign_token,
+    validate, validate_with,
+};
 
 /// Unix time in whole seconds, the unit of every JWT time claim.
 pub type UnixSeconds = i64;

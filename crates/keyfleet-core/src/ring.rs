@@ -82,13 +82,21 @@ pub struct RingPolicy {
     pub publish_ahead: i64,
 }
 
+/// `--token-ttl` unless configured: the longest lifetime of a minted token, in seconds.
+pub const DEFAULT_TOKEN_TTL_SECS: i64 = 15 * 60;
+/// `--rotation-period` unless configured: how long a key signs, in seconds.
+pub const DEFAULT_ROTATION_PERIOD_SECS: i64 = 24 * 3600;
+/// `--publish-ahead` unless configured: the longest wait for the fleet before a next key signs,
+/// in seconds.
+pub const DEFAULT_PUBLISH_AHEAD_SECS: i64 = 10 * 60;
+
 impl Default for RingPolicy {
     fn default() -> Self {
         RingPolicy {
-            token_ttl: 15 * 60,
-            leeway: 60,
-            rotation_period: 24 * 3600,
-            publish_ahead: 10 * 60,
+            token_ttl: DEFAULT_TOKEN_TTL_SECS,
+            leeway: crate::token::DEFAULT_LEEWAY_SECS,
+            rotation_period: DEFAULT_ROTATION_PERIOD_SECS,
+            publish_ahead: DEFAULT_PUBLISH_AHEAD_SECS,
         }
     }
 }

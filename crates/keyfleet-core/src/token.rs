@@ -36,14 +36,21 @@ pub struct Policy {
     pub max_lifetime: Option<i64>,
 }
 
+/// Clock skew allowed on `exp`, `nbf` and `iat` unless configured otherwise (`--leeway`), in
+/// seconds. The authority keeps a retiring key published `token_ttl` + this long.
+pub const DEFAULT_LEEWAY_SECS: i64 = 60;
+/// Tokens longer than this are refused before any decoding unless configured otherwise
+/// (`--max-token-bytes`); the authority refuses to mint one longer.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+
 impl Policy {
     /// A policy with the design's defaults for `issuer`.
     pub fn new(issuer: impl Into<String>) -> Policy {
         Policy {
             issuer: issuer.into(),
             audiences: Vec::new(),
-            leeway: 60,
-            max_token_bytes: 8 * 1024,
+            leeway: DEFAULT_LEEWAY_SECS,
+            max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
             max_lifetime: None,
         }
     }

@@ -2,6 +2,9 @@
 //! neither read them nor slip their own content (or a symbolic link) in: the one set of checks
 //! the authority's data dir and the verifier's cache dir share.
 //!
+//! (Over 600 lines only with its unit tests, which play the other local user against each rule:
+//! the rules and their attacks are kept side by side.)
+//!
 //! The rules, by what a file is:
 //! - **Private directories** (`--data-dir`, `--cache-dir`): owned by the process's effective
 //!   uid and not writable by group or others. Whoever can write a directory can replace the

@@ -18,13 +18,29 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::limits::{Limits, ShedLayer};
-use crate::tls::{Handshaker, ServerTls};
+use crate::tls::{Handshaker, ServerTls, TlsError};
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot set up TLS on the {listener} listener")]
+    Tls {
+        listener: &'static str,
+        #[source]
+        source: TlsError,
+    },
+    #[error("the gRPC server failed")]
+    Grpc(#[source] tonic::transport::Error),
+    #[error("cannot build the gRPC reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+}
 
 /// How long a server waits for its HTTP connections to finish their requests on shutdown.
 const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -60,7 +76,7 @@ pub struct Transport {
 pub async fn with_health_and_reflection(
     routes: Routes,
     service: &str,
-) -> anyhow::Result<(Routes, tonic_health::server::HealthReporter)> {
+) -> Result<(Routes, tonic_health::server::HealthReporter), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -71,11 +87,13 @@ pub async fn with_health_and_reflection(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keyfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()
+        .map_err(ServeError::Reflection)?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keyfleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()
+        .map_err(ServeError::Reflection)?;
     Ok((
         routes
             .add_service(health)
@@ -90,7 +108,7 @@ pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     serve_grpc_with(listener, routes, &Transport::default(), shutdown).await
 }
 
@@ -100,55 +118,147 @@ pub async fn serve_grpc_with(
     routes: Routes,
     transport: &Transport,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let limits = &transport.limits.fitted_to_process();
-    let server = grpc_server_with(limits)
-        .layer(ShedLayer::new(limits, transport.shed.clone()))
-        .add_routes(routes);
+) -> Result<(), ServeError> {
+    let limits = transport.limits.fitted_to_process();
     let conns = Arc::new(Semaphore::new(limits.max_grpc_connections.max(1)));
-    if let Some(tls) = &transport.tls {
-        let handshaker = Handshaker::new(tls.rustls_config(&[b"h2"])?);
-        let incoming = accept(listener, conns, shutdown.clone(), move |tcp, peer| {
-            let handshaker = handshaker.clone();
-            async move { handshaker.accept(tcp, peer).await }
-        });
-        server
-            .serve_with_incoming_shutdown(
-                incoming.map(|c| Ok::<_, io::Error>(Coalesced::new(c))),
-                shutdown.cancelled_owned(),
-            )
-            .await?;
-        return Ok(());
+    match &transport.tls {
+        Some(tls) => {
+            let incoming = accept_tls(listener, conns, shutdown.clone(), tls, b"h2", "gRPC")?;
+            serve_grpc_on(incoming, routes, &limits, transport, shutdown).await
+        }
+        None => {
+            let incoming = accept_plain(listener, conns, shutdown.clone());
+            serve_grpc_on(incoming, routes, &limits, transport, shutdown).await
+        }
     }
-    let incoming = accept(listener, conns, shutdown.clone(), |tcp, _| async move {
-        Some(tcp)
-    });
-    server
+}
+
+/// The gRPC server over accepted connections of either kind (plain or TLS); returns once it has
+/// drained and the listener is closed.
+async fn serve_grpc_on<T>(
+    (incoming, acceptor): Incoming<T>,
+    routes: Routes,
+    limits: &Limits,
+    transport: &Transport,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError>
+where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
+    let served = grpc_server_with(limits)
+        .layer(ShedLayer::new(limits, transport.shed.clone()))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(
             incoming.map(|c| Ok::<_, io::Error>(Coalesced::new(c))),
             shutdown.cancelled_owned(),
         )
-        .await?;
-    Ok(())
+        .await;
+    acceptor.finish().await;
+    served.map_err(ServeError::Grpc)
+}
+
+/// Serves gRPC `routes` on `grpc` and the HTTP `router` on `http` with `transport` until
+/// `shutdown` is cancelled or either server stops: whichever stops first (an error, or the
+/// shutdown) cancels `shutdown`, which stops the other, and both drain before this returns.
+/// Returns the first error. Give it a token of the server's own (a child of the process's):
+/// whatever else the server runs on that token (watch streams a draining gRPC server waits for,
+/// background refreshes) ends with it.
+pub async fn serve_pair(
+    grpc: TcpListener,
+    routes: Routes,
+    http: TcpListener,
+    router: axum::Router,
+    transport: &Transport,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    stop_together(
+        &shutdown,
+        serve_grpc_with(grpc, routes, transport, shutdown.clone()),
+        serve_http_with(http, router, transport, shutdown.clone()),
+    )
+    .await
+}
+
+/// Runs two servers that stop on `stop` to their end, cancelling `stop` as soon as either
+/// ends; the first error (in time) wins.
+async fn stop_together(
+    stop: &CancellationToken,
+    a: impl Future<Output = Result<(), ServeError>>,
+    b: impl Future<Output = Result<(), ServeError>>,
+) -> Result<(), ServeError> {
+    let first_error = std::sync::Mutex::new(None);
+    let ended = |result: Result<(), ServeError>| {
+        if let Err(e) = result {
+            let mut first = first_error.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(e);
+            }
+        }
+        stop.cancel();
+    };
+    tokio::join!(async { ended(a.await) }, async { ended(b.await) });
+    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// [`accept`] with `tls`'s handshake, offering the protocol `alpn`; `name` names the listener
+/// in the error when `tls` cannot be set up.
+fn accept_tls(
+    listener: TcpListener,
+    conns: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tls: &ServerTls,
+    alpn: &[u8],
+    name: &'static str,
+) -> Result<Incoming<TlsStream<TcpStream>>, ServeError> {
+    let config = tls
+        .rustls_config(&[alpn])
+        .map_err(|source| ServeError::Tls {
+            listener: name,
+            source,
+        })?;
+    let handshaker = Handshaker::new(config);
+    Ok(accept(listener, conns, shutdown, move |tcp, peer| {
+        let handshaker = handshaker.clone();
+        async move { handshaker.accept(tcp, peer).await }
+    }))
+}
+
+/// [`accept`] for a plaintext listener.
+fn accept_plain(
+    listener: TcpListener,
+    conns: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) -> Incoming<TcpStream> {
+    accept(listener, conns, shutdown, |tcp, _| async move { Some(tcp) })
 }
 
 /// Accepts connections on `listener` while fewer than `conns` are open, runs `handshake` on
 /// each in its own task (so a silent client never blocks the loop), and yields the connections
 /// that came through it, each holding its `conns` permit for as long as it is open. Sockets
-/// get `TCP_NODELAY`: without it Nagle + delayed ACK add ~40 ms to small answers.
+/// get `TCP_NODELAY`: without it Nagle + delayed ACK add ~40 ms to small answers. The
+/// [`Acceptor`] owns the listener: a server awaits [`Acceptor::finish`] after it stops, so the
+/// port is closed (and free to bind again) by the time the server returns.
 fn accept<T, H, F>(
     listener: TcpListener,
     conns: Arc<Semaphore>,
     shutdown: CancellationToken,
     handshake: H,
-) -> ReceiverStream<Capped<T>>
+) -> Incoming<T>
 where
     T: Send + 'static,
     H: Fn(TcpStream, SocketAddr) -> F + Send + 'static,
     F: Future<Output = Option<T>> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -188,7 +298,28 @@ where
             });
         }
     });
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(rx), Acceptor(task))
+}
+
+/// Accepted connections, and the task that accepts them.
+type Incoming<T> = (ReceiverStream<Capped<T>>, Acceptor);
+
+/// The task that accepts on a listener (and owns it). Dropped, it is aborted; a server that
+/// stops normally awaits [`Acceptor::finish`], which returns once the listener is closed.
+struct Acceptor(tokio::task::JoinHandle<()>);
+
+impl Acceptor {
+    /// Waits for the accept loop to end (it ends on the shutdown, or when the server stopped
+    /// taking connections) and so for the listener to be closed.
+    async fn finish(mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -358,7 +489,7 @@ pub async fn serve_http_with(
     router: axum::Router,
     transport: &Transport,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let limits = &transport.limits.fitted_to_process();
     let conns = Arc::new(Semaphore::new(limits.max_http_connections.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -367,20 +498,18 @@ pub async fn serve_http_with(
         .max_buf_size(64 * 1024);
     match &transport.tls {
         Some(tls) => {
-            let handshaker = Handshaker::new(tls.rustls_config(&[b"http/1.1"])?);
-            let incoming = accept(listener, conns, shutdown.clone(), move |tcp, peer| {
-                let handshaker = handshaker.clone();
-                async move { handshaker.accept(tcp, peer).await }
-            });
-            serve_http_connections(incoming, router, http, shutdown).await
+            let (incoming, acceptor) =
+                accept_tls(listener, conns, shutdown.clone(), tls, b"http/1.1", "HTTP")?;
+            serve_http_connections(incoming, router, http, shutdown).await;
+            acceptor.finish().await;
         }
         None => {
-            let incoming = accept(listener, conns, shutdown.clone(), |tcp, _| async move {
-                Some(tcp)
-            });
-            serve_http_connections(incoming, router, http, shutdown).await
+            let (incoming, acceptor) = accept_plain(listener, conns, shutdown.clone());
+            serve_http_connections(incoming, router, http, shutdown).await;
+            acceptor.finish().await;
         }
     }
+    Ok(())
 }
 
 /// Serves an axum router over HTTP/1.1 on `listener` with the default limits.
@@ -388,7 +517,7 @@ pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     serve_http_with(listener, router, &Transport::default(), shutdown).await
 }
 
@@ -397,8 +526,7 @@ async fn serve_http_connections<T>(
     router: axum::Router,
     http: hyper::server::conn::http1::Builder,
     shutdown: CancellationToken,
-) -> anyhow::Result<()>
-where
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -426,7 +554,6 @@ where
     {
         tracing::debug!("http connections still open after the drain period; closing them");
     }
-    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -448,5 +575,46 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that fails stops its sibling, which still finishes the request in flight.
+    #[tokio::test]
+    async fn one_server_failing_stops_and_drains_the_other() {
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/slow", http.local_addr().unwrap());
+        let router = axum::Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                "done"
+            }),
+        );
+        let stop = CancellationToken::new();
+        let request = tokio::spawn(async move { reqwest::get(url).await?.text().await });
+        let failing = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Err(ServeError::Tls {
+                listener: "gRPC",
+                source: TlsError::NoKey,
+            })
+        };
+        let transport = Transport::default();
+        let http = serve_http_with(http, router, &transport, stop.clone());
+        let served =
+            tokio::time::timeout(Duration::from_secs(5), stop_together(&stop, failing, http))
+                .await
+                .expect("the HTTP server stopped when the other failed");
+        assert!(matches!(served, Err(ServeError::Tls { .. })), "{served:?}");
+        assert!(stop.is_cancelled());
+        assert_eq!(
+            request.await.unwrap().unwrap(),
+            "done",
+            "drained, not dropped"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! client that connects and says nothing never blocks the accept loop.
 //!
 //! Clients: [`ClientTls`] (a CA bundle, optionally a client certificate) configures tonic
-//! channels ([`endpoint`]) and reqwest (`rustls_client_config`).
+//! channels (through `client::endpoint`) and reqwest (`rustls_client_config`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -250,16 +250,6 @@ impl ClientTls {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
-}
-
-/// A tonic endpoint for `url` that connects lazily, with TLS when `url` is `https://`.
-pub fn endpoint(url: &str, tls: &ClientTls) -> anyhow::Result<tonic::transport::Endpoint> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
-    Ok(if url.starts_with("https://") {
-        endpoint.tls_config(tls.tonic_config())?
-    } else {
-        endpoint
-    })
 }
 
 /// The TLS side of accepting a connection: a handshake under [`HANDSHAKE_TIMEOUT`], at most

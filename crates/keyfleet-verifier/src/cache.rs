@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
-use crate::store::Held;
+use crate::keyset::Held;
 
 /// Entries held by default (a valid answer is ~0.5–1 KiB with its claims).
 pub const DEFAULT_CACHE_ENTRIES: usize = 16_384;

@@ -1,4 +1,5 @@
-//! The verifier node's typed configuration, validated once by [`Config::check`].
+//! The verifier node's typed configuration, its defaults (`DEFAULT_*`, also the CLI's), and
+//! its validation: [`Config::check`] is the one place a configuration is judged.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,7 +38,7 @@ pub struct Config {
     /// Accept tokens for any audience: the explicit opposite of `audiences`. A node must be
     /// given one or the other, so that no verifier accepts every audience by omission.
     pub any_audience: bool,
-    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    /// Clock skew allowed on `exp`, `nbf` and `iat` (whole seconds count).
     pub leeway: Duration,
     /// Periodic pull, the fallback for a broken push stream (and the only refresh of a JWKS URL).
     pub refresh_interval: Duration,
@@ -45,7 +46,8 @@ pub struct Config {
     pub unknown_kid_cooldown: Duration,
     /// A key set older than this is not trusted: `Verify` answers `UNAVAILABLE`.
     pub max_stale: Duration,
-    /// Where the last good key set is kept across restarts.
+    /// `--cache-dir`: where the saved key set (the last good one, `jwks-cache.json`) is kept
+    /// across restarts. Not the verified-token cache, which lives in memory only.
     pub cache_dir: Option<PathBuf>,
     /// Bound of the verified-token cache, in answers (0 turns it off).
     pub cache_entries: usize,
@@ -72,6 +74,19 @@ pub struct Config {
 /// Longest token lifetime a node accepts unless configured otherwise (`--max-lifetime`): a
 /// token meant to live for years is a stolen-forever credential, whoever signed it.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+/// `--leeway`: keyfleet-core's default clock skew, which the authority also plans rotations with.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(keyfleet_core::DEFAULT_LEEWAY_SECS as u64);
+/// `--refresh-interval`: the fallback pull behind the push stream (and a JWKS URL's only refresh).
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// `--unknown-kid-cooldown`: at most one unknown-kid refresh this often (see `gate.rs`).
+pub const DEFAULT_UNKNOWN_KID_COOLDOWN: Duration = Duration::from_secs(5);
+/// `--max-stale`: how long a node keeps verifying from its last good key set while the source
+/// is unreachable, before it answers UNAVAILABLE (fail closed).
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(24 * 60 * 60);
+/// The node id of [`Config::new`] (the binary names a node `verifier-<grpc port>` instead).
+pub const DEFAULT_NODE_ID: &str = "verifier";
+/// `--region`.
+pub const DEFAULT_REGION: &str = "default";
 
 impl Config {
     /// The design's defaults for `source`. No audience policy is chosen: set `audiences` or
@@ -82,15 +97,15 @@ impl Config {
             issuer: None,
             audiences: Vec::new(),
             any_audience: false,
-            leeway: Duration::from_secs(60),
-            refresh_interval: Duration::from_secs(5 * 60),
-            unknown_kid_cooldown: Duration::from_secs(5),
-            max_stale: Duration::from_secs(24 * 60 * 60),
+            leeway: DEFAULT_LEEWAY,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            unknown_kid_cooldown: DEFAULT_UNKNOWN_KID_COOLDOWN,
+            max_stale: DEFAULT_MAX_STALE,
             cache_dir: None,
             cache_entries: crate::cache::DEFAULT_CACHE_ENTRIES,
-            node_id: "verifier".to_owned(),
-            region: "default".to_owned(),
-            max_token_bytes: 8 * 1024,
+            node_id: DEFAULT_NODE_ID.to_owned(),
+            region: DEFAULT_REGION.to_owned(),
+            max_token_bytes: keyfleet_core::DEFAULT_MAX_TOKEN_BYTES,
             max_lifetime: Some(DEFAULT_MAX_LIFETIME),
             tls: None,
             source_tls: ClientTls::default(),
@@ -168,10 +183,10 @@ impl Config {
         if let (Source::Authority { .. }, Some(path)) = (&self.source, &self.node_token_file) {
             crate::upstream::load_node_token(path)?;
         }
-        // Whoever can write the cache could plant keys the node trusts while its source is
-        // unreachable: the directory and the file must be this user's alone.
+        // Whoever can write the saved key set could plant keys the node trusts while its
+        // source is unreachable: the directory and the file must be this user's alone.
         if let Some(dir) = &self.cache_dir {
-            crate::store::check_cache(dir)?;
+            crate::saved::check(dir)?;
         }
         Ok(())
     }
@@ -204,9 +219,10 @@ pub enum ConfigError {
     NodeToken(#[from] crate::upstream::NodeTokenError),
     #[error("{0} may not be empty")]
     Empty(&'static str),
-    /// `--cache-dir` or its `jwks-cache.json` is open to other users, theirs, or a link.
+    /// `--cache-dir` or the saved key set in it (`jwks-cache.json`) is open to other users,
+    /// theirs, or a link.
     #[error(transparent)]
-    InsecureCache(#[from] keyfleet_runtime::secure_fs::SecureFsError),
+    InsecureSavedKeySet(#[from] keyfleet_runtime::secure_fs::SecureFsError),
     #[error("{0} may not be zero")]
     Zero(&'static str),
 }

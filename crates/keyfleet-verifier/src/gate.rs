@@ -1,6 +1,7 @@
 //! The unknown-`kid` refresh gate: one refresh in flight (callers share it), at most one per
-//! cool-down, and a bounded memory of kids a refresh did not find, so a flood of made-up kids
-//! cannot flood the source.
+//! cool-down (`--unknown-kid-cooldown`, [`crate::DEFAULT_UNKNOWN_KID_COOLDOWN`]), a wait of at
+//! most [`UNKNOWN_KID_WAIT`] for it, and a bounded memory of kids a refresh did not find, so a
+//! flood of made-up kids cannot flood the source.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -10,6 +11,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// How long a `Verify` with an unknown kid waits for the refresh it triggered or joined before
+/// it answers `UNKNOWN_KID` (the refresh goes on and serves the next caller). Bounds the extra
+/// latency a new key can cost the first tokens it signed; the cool-down bounds the load.
+pub(crate) const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(1);
 /// How many missing kids are remembered.
 const MAX_MISSING: usize = 4096;
 
@@ -115,10 +120,10 @@ impl Gate {
     }
 }
 
-/// Waits for a refresh to finish, at most `limit`. True when it finished in time.
-pub(crate) async fn wait(mut rx: watch::Receiver<bool>, limit: Duration) -> bool {
+/// Waits for a refresh to finish, at most [`UNKNOWN_KID_WAIT`]. True when it finished in time.
+pub(crate) async fn wait(mut rx: watch::Receiver<bool>) -> bool {
     // A dropped sender (the refresh task ended without finishing) counts as finished.
-    tokio::time::timeout(limit, rx.wait_for(|done| *done))
+    tokio::time::timeout(UNKNOWN_KID_WAIT, rx.wait_for(|done| *done))
         .await
         .is_ok()
 }

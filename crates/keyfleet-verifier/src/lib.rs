@@ -1,22 +1,33 @@
-//! keyfleet's stateless verifier node: caches the authority's public keys by `kid` (push stream,
-//! periodic pull, coalesced unknown-kid refresh, on-disk cache) and answers `Verify` from them
-//! without ever calling the authority for a known kid.
+//! keyfleet's stateless verifier node: holds the authority's public keys by `kid` (push stream,
+//! periodic pull, coalesced unknown-kid refresh, a saved copy on disk) and answers `Verify`
+//! from them without ever calling the authority for a known kid.
+//!
+//! Where things are: `node.rs` the handle (open, serve) with `node/decide.rs` (the verify
+//! path), `node/batch.rs` (`VerifyBatch`), `node/refresh.rs` (push, pull, JWKS URL polling),
+//! `node/http.rs` (metrics, healthz, readyz); `keyset.rs` the key set in use; `saved.rs` the
+//! saved key set in `--cache-dir`; `cache.rs` the verified-token cache; `gate.rs` the
+//! unknown-kid refresh gate (cool-down and wait); `upstream.rs` the client to the source;
+//! `config.rs` the configuration, its defaults and its check; `metrics.rs` the metrics.
 
 mod cache;
 mod config;
 mod gate;
+mod keyset;
 mod metrics;
 mod node;
-mod store;
+mod saved;
 mod upstream;
 
 pub use cache::DEFAULT_CACHE_ENTRIES;
-pub use config::{Config, ConfigError, DEFAULT_MAX_LIFETIME, Source};
+pub use config::{
+    Config, ConfigError, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, DEFAULT_MAX_STALE, DEFAULT_NODE_ID,
+    DEFAULT_REFRESH_INTERVAL, DEFAULT_REGION, DEFAULT_UNKNOWN_KID_COOLDOWN, Source,
+};
 pub use keyfleet_runtime::CancellationToken;
-pub use node::MAX_BATCH;
-pub use node::Verifier;
-pub use store::CACHE_FILE;
-pub use upstream::{MIN_NODE_TOKEN_BYTES, NodeTokenError};
+pub use keyfleet_runtime::serve::ServeError;
+pub use node::{MAX_BATCH, OpenError, RunError, Verifier};
+pub use saved::SAVED_KEY_SET_FILE;
+pub use upstream::{MIN_NODE_TOKEN_BYTES, NodeTokenError, UpstreamError};
 
 use tokio::net::TcpListener;
 
@@ -27,9 +38,10 @@ pub async fn run(
     http: TcpListener,
     config: Config,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     Verifier::open(config)
         .await?
         .serve(grpc, http, shutdown)
-        .await
+        .await?;
+    Ok(())
 }

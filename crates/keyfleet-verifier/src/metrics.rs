@@ -20,7 +20,8 @@ pub(crate) enum Origin {
     Pull,
     UnknownKid,
     Http,
-    Cache,
+    /// The key set saved in `--cache-dir`, at start.
+    Saved,
 }
 
 impl Origin {
@@ -30,7 +31,8 @@ impl Origin {
             Origin::Pull => "pull",
             Origin::UnknownKid => "unknown_kid",
             Origin::Http => "http",
-            Origin::Cache => "cache",
+            // The label predates the name "saved key set"; dashboards select on it.
+            Origin::Saved => "cache",
         }
     }
 }

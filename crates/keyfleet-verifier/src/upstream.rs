@@ -43,7 +43,7 @@ pub enum NodeTokenError {
     /// Open to other users, owned by another user, or a link; the message says what to run.
     #[error(transparent)]
     Insecure(#[from] keyfleet_runtime::secure_fs::SecureFsError),
-    #[error("cannot read the node token file {path} (--node-token-file): {source}")]
+    #[error("cannot read the node token file {path} (--node-token-file)")]
     Read {
         path: std::path::PathBuf,
         #[source]
@@ -105,13 +105,13 @@ impl std::fmt::Debug for Bearer {
 }
 
 impl Bearer {
-    fn new(token: Option<&NodeToken>) -> anyhow::Result<Bearer> {
+    fn new(token: Option<&NodeToken>) -> Result<Bearer, UpstreamError> {
         let Some(token) = token else {
             return Ok(Bearer(None));
         };
         let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.0)
             .parse()
-            .map_err(|_| anyhow::anyhow!("the node token cannot go in a header"))?;
+            .map_err(|_| UpstreamError::NodeTokenHeader)?;
         value.set_sensitive(true);
         Ok(Bearer(Some(value)))
     }
@@ -178,7 +178,7 @@ impl From<JwksSnapshot> for Fetched {
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FetchError {
-    #[error("authority call failed: {0}")]
+    #[error("the authority call failed")]
     Grpc(#[from] tonic::Status),
     #[error("http request failed")]
     Http(#[from] reqwest::Error),
@@ -190,6 +190,27 @@ pub(crate) enum FetchError {
     Parse(#[source] keyfleet_core::JwksError),
     #[error("timed out after {FETCH_TIMEOUT:?}")]
     Timeout,
+}
+
+/// Why the client to the source could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Endpoint(#[from] keyfleet_runtime::client::EndpointError),
+    #[error(transparent)]
+    NodeToken(#[from] NodeTokenError),
+    #[error("the node token cannot go in a header: copy the authority's <data-dir>/node.token")]
+    NodeTokenHeader,
+    #[error("the jwks url {url:?} is not a valid url")]
+    JwksUrl {
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Tls(#[from] keyfleet_runtime::tls::TlsError),
+    #[error("cannot build the HTTP client for the jwks url")]
+    HttpClient(#[source] reqwest::Error),
 }
 
 /// The one client to the source, shared by every refresh.
@@ -211,16 +232,12 @@ impl Upstream {
         source: &Source,
         tls: &ClientTls,
         node_token_file: Option<&Path>,
-    ) -> anyhow::Result<Upstream> {
+    ) -> Result<Upstream, UpstreamError> {
         Ok(match source {
             Source::Authority { url } => {
-                let channel = keyfleet_runtime::tls::endpoint(url, tls)
-                    .map_err(|e| anyhow::anyhow!("bad authority url {url:?}: {e}"))?
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                let settings = &keyfleet_runtime::client::Settings::UPSTREAM;
+                let channel =
+                    keyfleet_runtime::client::endpoint(url, tls, settings)?.connect_lazy();
                 let token = node_token_file.map(load_node_token).transpose()?;
                 if token.is_none() {
                     tracing::warn!(authority = %url, "no --node-token-file: the authority will refuse this node's watch stream and send it no deny lists (revoked tokens would be accepted)");
@@ -231,8 +248,10 @@ impl Upstream {
                 )
             }
             Source::JwksUrl { url } => {
-                let url = reqwest::Url::parse(url)
-                    .map_err(|e| anyhow::anyhow!("bad jwks url {url:?}: {e}"))?;
+                let url = reqwest::Url::parse(url).map_err(|e| UpstreamError::JwksUrl {
+                    url: url.clone(),
+                    source: e.into(),
+                })?;
                 let client = reqwest::Client::builder()
                     .use_preconfigured_tls(tls.rustls_config()?)
                     .https_only(url.scheme() == "https")
@@ -240,7 +259,8 @@ impl Upstream {
                     .connect_timeout(Duration::from_secs(2))
                     .redirect(reqwest::redirect::Policy::none())
                     .user_agent(concat!("keyfleet-verifier/", env!("CARGO_PKG_VERSION")))
-                    .build()?;
+                    .build()
+                    .map_err(UpstreamError::HttpClient)?;
                 Upstream::Http { client, url }
             }
         })

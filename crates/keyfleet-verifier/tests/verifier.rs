@@ -1,10 +1,7 @@
 //! Integration tests: real verifier nodes on 127.0.0.1:0 fed by in-process fakes of the
 //! authority (gRPC) and of a JWKS server (HTTP) that can push, lag, fail and go down.
 
-use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,10 +17,11 @@ use keyfleet_proto::v1::{
     self as pb, JwksSnapshot, Reason, VerifyRequest, VerifyResponse, WatchJwksRequest,
 };
 use keyfleet_runtime::{CancellationToken, Clock};
-use keyfleet_verifier::{CACHE_FILE, Config, Source, run};
-use tokio::net::TcpListener;
+use keyfleet_testkit::files::{chmod, write_private};
+use keyfleet_testkit::serve::{self, Pair, Task};
+use keyfleet_testkit::{eventually, grpc, http};
+use keyfleet_verifier::{Config, SAVED_KEY_SET_FILE, Source, run};
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Routes;
 use tonic::transport::Channel;
@@ -205,14 +203,11 @@ impl Authority for FakeService {
 struct FakeAuthority {
     url: String,
     state: Arc<FakeState>,
-    shutdown: CancellationToken,
-    handle: JoinHandle<anyhow::Result<()>>,
+    task: Task,
 }
 
 impl FakeAuthority {
     async fn start(initial: JwksSnapshot) -> FakeAuthority {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(FakeState {
             snapshot: Mutex::new(initial),
             pushes: broadcast::channel(16).0,
@@ -221,18 +216,12 @@ impl FakeAuthority {
             credentials: Mutex::new(Vec::new()),
             down: CancellationToken::new(),
         });
-        let shutdown = CancellationToken::new();
         let routes = Routes::new(AuthorityServer::new(FakeService(state.clone())));
-        let handle = tokio::spawn(keyfleet_runtime::serve::serve_grpc(
-            listener,
-            routes,
-            shutdown.clone(),
-        ));
+        let (addr, task) = serve::grpc(routes).await;
         FakeAuthority {
-            url,
+            url: format!("http://{addr}"),
             state,
-            shutdown,
-            handle,
+            task,
         }
     }
 
@@ -273,25 +262,23 @@ impl FakeAuthority {
     /// Ends every stream and stops listening.
     async fn stop(self) {
         self.state.down.cancel();
-        self.shutdown.cancel();
-        self.handle.await.unwrap().unwrap();
+        self.task.stop().await;
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Fake JWKS HTTP server
 
+/// Stops serving when dropped.
 struct FakeJwks {
     url: String,
     body: Arc<Mutex<(u16, String)>>,
     hits: Arc<AtomicUsize>,
-    shutdown: CancellationToken,
+    _task: Task,
 }
 
 impl FakeJwks {
     async fn start(status: u16, body: String) -> FakeJwks {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
         let body = Arc::new(Mutex::new((status, body)));
         let hits = Arc::new(AtomicUsize::new(0));
         let (b, h) = (body.clone(), hits.clone());
@@ -306,17 +293,12 @@ impl FakeJwks {
                 }
             }),
         );
-        let shutdown = CancellationToken::new();
-        tokio::spawn(keyfleet_runtime::serve::serve_http(
-            listener,
-            router,
-            shutdown.clone(),
-        ));
+        let (addr, task) = serve::http(router).await;
         FakeJwks {
-            url,
+            url: format!("http://{addr}/jwks.json"),
             body,
             hits,
-            shutdown,
+            _task: task,
         }
     }
 
@@ -329,9 +311,10 @@ impl FakeJwks {
     }
 }
 
-impl Drop for FakeJwks {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+/// An authority nobody listens at (port 1).
+fn nowhere() -> Source {
+    Source::Authority {
+        url: "http://127.0.0.1:1".into(),
     }
 }
 
@@ -343,30 +326,27 @@ fn jwks_json(keys: &[serde_json::Value]) -> String {
 // Verifier nodes
 
 struct Node {
-    http: SocketAddr,
+    served: Pair,
     channel: Channel,
     client: VerifierClient<Channel>,
-    shutdown: CancellationToken,
-    handle: JoinHandle<anyhow::Result<()>>,
 }
 
 async fn spawn_node(config: Config) -> Node {
     keyfleet_runtime::telemetry::test_init();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(run(grpc, http, config, shutdown.clone()));
-    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-        .unwrap()
-        .connect_lazy();
+    let served = Pair::start(|grpc, http, shutdown| run(grpc, http, config, shutdown)).await;
+    let channel = grpc::lazy_channel(served.grpc);
     Node {
-        http: http_addr,
+        served,
         channel: channel.clone(),
         client: VerifierClient::new(channel),
-        shutdown,
-        handle,
     }
+}
+
+/// [`spawn_node`], then waits until the node is ready (holds a key set).
+async fn ready_node(config: Config) -> Node {
+    let node = spawn_node(config).await;
+    node.wait_ready().await;
+    node
 }
 
 impl Node {
@@ -383,10 +363,8 @@ impl Node {
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
-        let response = reqwest::get(format!("http://{}{path}", self.http))
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.text().await.unwrap())
+        let response = http::get(self.served.http, path).await;
+        (response.status, response.body)
     }
 
     async fn metric(&self, line_prefix: &str) -> Option<f64> {
@@ -404,29 +382,9 @@ impl Node {
         .await;
     }
 
+    /// Stops the node and checks that it drains and `run` returns Ok.
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
-            .await
-            .expect("node stops on shutdown")
-            .unwrap()
-            .expect("run returns Ok");
-    }
-}
-
-/// Polls `condition` until it holds, for at most 10 s.
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.served.stop().await;
     }
 }
 
@@ -490,12 +448,11 @@ async fn a_full_deny_list_reaches_the_node() {
     snap.revoked_tokens[99_999].jti = "jti-1".into();
     assert!(prost::Message::encoded_len(&snap) > 25_000_000);
     let authority = FakeAuthority::start(snap).await;
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         clock: Clock::manual(NOW),
         ..Config::for_test(authority.source())
     })
     .await;
-    node.wait_ready().await;
     // `token` carries jti-1, the last entry of the list.
     check(&node, "denied", &token(&a, NOW), "", Reason::TokenRevoked).await;
     node.stop().await;
@@ -513,14 +470,13 @@ async fn verdicts_for_good_and_bad_tokens() {
     });
     let authority = FakeAuthority::start(snap).await;
     let clock = Clock::manual(NOW);
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         audiences: vec!["api".into()],
         any_audience: false,
         clock: clock.clone(),
         ..Config::for_test(authority.source())
     })
     .await;
-    node.wait_ready().await;
 
     let good = token(&a, NOW);
     let ok = check(&node, "valid", &good, "", Reason::Ok).await;
@@ -636,12 +592,11 @@ async fn verdicts_for_good_and_bad_tokens() {
 async fn pushed_key_verifies_without_a_pull_and_is_acked() {
     let (a, b) = (key(1), key(2));
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         refresh_interval: Duration::from_secs(3600),
         ..Config::for_test(authority.source())
     })
     .await;
-    node.wait_ready().await;
     eventually("ack of version 1", || async { authority.acked(1) }).await;
 
     let version = authority.publish(true, |s| s.keys.push(b.pb()));
@@ -688,12 +643,11 @@ async fn pushed_key_verifies_without_a_pull_and_is_acked() {
 async fn key_published_only_via_get_jwks_verifies_after_unknown_kid_refresh() {
     let (a, b) = (key(1), key(2));
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         refresh_interval: Duration::from_secs(3600),
         ..Config::for_test(authority.source())
     })
     .await;
-    node.wait_ready().await;
     authority.publish(false, |s| s.keys.push(b.pb()));
     let now = keyfleet_runtime::clock::system_now();
     let ok = check(
@@ -796,14 +750,13 @@ async fn keeps_serving_while_the_authority_is_down_then_fails_closed() {
     let a = key(1);
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
     let clock = Clock::manual(NOW);
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         refresh_interval: Duration::from_millis(100),
         max_stale: Duration::from_secs(3600),
         clock: clock.clone(),
         ..Config::for_test(authority.source())
     })
     .await;
-    node.wait_ready().await;
     authority.stop().await;
     eventually("a failed pull", || async {
         node.metric("keyfleet_jwks_fetch_total{source=\"pull\",outcome=\"error\"}")
@@ -838,9 +791,8 @@ async fn cache_dir_lets_a_restarted_node_serve_during_an_outage() {
         cache_dir: Some(dir.path().to_owned()),
         ..Config::for_test(source.clone())
     };
-    let node = spawn_node(config.clone()).await;
-    node.wait_ready().await;
-    let cache = dir.path().join(CACHE_FILE);
+    let node = ready_node(config.clone()).await;
+    let cache = dir.path().join(SAVED_KEY_SET_FILE);
     eventually("cache written", || async { cache.exists() }).await;
     node.stop().await;
     authority.stop().await;
@@ -864,10 +816,21 @@ async fn cache_dir_lets_a_restarted_node_serve_during_an_outage() {
         Some(1.0)
     );
     node.stop().await;
+}
 
-    // A corrupt cache is ignored, never fatal.
-    std::fs::write(&cache, b"{ not json").unwrap();
-    let node = spawn_node(config).await;
+/// A corrupt cache is ignored, never fatal: the node starts without keys (and says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cache_is_ignored_never_fatal() {
+    let a = key(1);
+    let dir = tempfile::tempdir().unwrap();
+    write_private(&dir.path().join(SAVED_KEY_SET_FILE), b"{ not json");
+    // The authority is down: only the cache could have given keys.
+    let node = spawn_node(Config {
+        cache_dir: Some(dir.path().to_owned()),
+        ..Config::for_test(nowhere())
+    })
+    .await;
+    let now = keyfleet_runtime::clock::system_now();
     let status = node.verify(&token(&a, now), "").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(node.get("/readyz").await.0, 503);
@@ -895,30 +858,14 @@ async fn jwks_url_source_keeps_the_last_good_set_and_counts_rejected_keys() {
         serde_json::json!(42),
     ]);
     let jwks = FakeJwks::start(200, body).await;
-    let source = Source::JwksUrl {
-        url: jwks.url.clone(),
-    };
-
-    // A JWKS URL does not name its issuer: the node refuses to start without one.
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = run(
-        grpc,
-        http,
-        Config::for_test(source.clone()),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("--issuer"), "{err}");
-
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         issuer: Some(ISSUER.into()),
         refresh_interval: Duration::from_millis(100),
-        ..Config::for_test(source)
+        ..Config::for_test(Source::JwksUrl {
+            url: jwks.url.clone(),
+        })
     })
     .await;
-    node.wait_ready().await;
     let now = keyfleet_runtime::clock::system_now();
     check(
         &node,
@@ -968,6 +915,25 @@ async fn jwks_url_source_keeps_the_last_good_set_and_counts_rejected_keys() {
     node.stop().await;
 }
 
+/// A JWKS URL does not name its issuer: the node refuses to start without one.
+#[tokio::test]
+async fn a_jwks_url_source_needs_an_issuer() {
+    let source = Source::JwksUrl {
+        url: "http://127.0.0.1:1/jwks.json".into(),
+    };
+    let (grpc, _) = serve::loopback().await;
+    let (http, _) = serve::loopback().await;
+    let err = run(
+        grpc,
+        http,
+        Config::for_test(source),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("--issuer"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_health_and_metrics() {
     let a = key(1);
@@ -1015,18 +981,13 @@ async fn readiness_health_and_metrics() {
     .await;
     check(&node, "valid", &token(&a, now), "", Reason::Ok).await;
 
-    let response = reqwest::get(format!("http://{}/metrics", node.http))
-        .await
-        .unwrap();
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let response = http::get(node.served.http, "/metrics").await;
+    let content_type = response.header("content-type");
     assert!(
         content_type.starts_with("application/openmetrics-text"),
         "{content_type}"
     );
-    let text = response.text().await.unwrap();
+    let text = response.body;
     assert!(
         text.contains("keyfleet_verify_total{reason=\"OK\"} 1"),
         "{text}"
@@ -1049,24 +1010,27 @@ mod hostile;
 mod observability;
 mod secure_cache;
 
+/// A fleet credential as `--node-token-file` holds it.
+fn fleet_token() -> String {
+    "0123456789abcdef".repeat(4)
+}
+
 /// The node sends the fleet credential from `--node-token-file` on every call to the authority
 /// (the watch stream and the pulls), and repeats its ack as a heartbeat on an idle stream, so
-/// the authority keeps its node id for it. A token file that cannot be a fleet credential is
-/// refused at start.
+/// the authority keeps its node id for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_the_fleet_credential_and_heartbeats() {
     let k1 = key(1);
     let fake = FakeAuthority::start(snapshot(1, &[&k1])).await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("node.token");
-    let token = "0123456789abcdef".repeat(4);
-    write_private(&token_file, &format!("{token}\n"));
-    let node = spawn_node(Config {
+    let token = fleet_token();
+    write_private(&token_file, format!("{token}\n"));
+    let node = ready_node(Config {
         node_token_file: Some(token_file.clone()),
         ..Config::for_test(fake.source())
     })
     .await;
-    node.wait_ready().await;
     eventually("a pull and a heartbeat after the ack", || async {
         fake.get_jwks_calls() > 0 && fake.acks_of(1) >= 2
     })
@@ -1077,7 +1041,15 @@ async fn sends_the_fleet_credential_and_heartbeats() {
     assert!(seen.iter().any(|(rpc, _)| *rpc == "GetJwks"), "{seen:?}");
     assert!(seen.iter().all(|(_, c)| *c == want), "{seen:?}");
     node.stop().await;
+    fake.stop().await;
+}
 
+/// A token file that cannot be a fleet credential (short, control characters, missing, open
+/// to other users) is refused at start, without printing the token.
+#[test]
+fn a_node_token_file_that_cannot_be_a_credential_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = fleet_token();
     for (what, text) in [
         ("short", "abc\n"),
         ("control characters", &format!("{token}\u{7}x")),
@@ -1086,7 +1058,7 @@ async fn sends_the_fleet_credential_and_heartbeats() {
         write_private(&path, text);
         let config = Config {
             node_token_file: Some(path),
-            ..Config::for_test(fake.source())
+            ..Config::for_test(nowhere())
         };
         let err = config.check().expect_err(what).to_string();
         assert!(err.contains("--node-token-file"), "{what}: {err}");
@@ -1094,29 +1066,17 @@ async fn sends_the_fleet_credential_and_heartbeats() {
     }
     let missing = Config {
         node_token_file: Some(dir.path().join("missing")),
-        ..Config::for_test(fake.source())
+        ..Config::for_test(nowhere())
     };
     assert!(missing.check().is_err());
     // A token file other users can read is refused like the authority's own token files.
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let token_file = dir.path().join("node.token");
+    write_private(&token_file, format!("{token}\n"));
+    chmod(&token_file, 0o644);
     let open = Config {
-        node_token_file: Some(token_file.clone()),
-        ..Config::for_test(fake.source())
+        node_token_file: Some(token_file),
+        ..Config::for_test(nowhere())
     };
     let err = open.check().expect_err("a 0644 token file").to_string();
     assert!(err.contains("chmod 600"), "{err}");
-    fake.stop().await;
-}
-
-/// Writes `text` to a new file of mode 0600, as an operator provisions a secret.
-fn write_private(path: &std::path::Path, text: &str) {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    file.write_all(text.as_bytes()).unwrap();
 }

@@ -1,39 +1,17 @@
 //! The command line: every command and flag of DESIGN.md, each flag also read from
-//! `KEYFLEET_<FLAG>`; validated into the servers' typed configs.
+//! `KEYFLEET_<FLAG>`, with the owning crates' `DEFAULT_*` as defaults; `run` hands each command
+//! to its module (`servers`, `client`, `demo`, `loadtest`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use keyfleet_runtime::parse_duration;
 use keyfleet_runtime::telemetry::{self, LogFormat};
-use keyfleet_runtime::{CancellationToken, Clock, parse_duration};
-use tokio::net::TcpListener;
 
-use crate::{client, demo};
-
-/// An error that carries the process exit code to use.
-#[derive(Debug)]
-pub struct Exit(pub u8);
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit code {}", self.0)
-    }
-}
-impl std::error::Error for Exit {}
-
-/// Exit code for a bad configuration (EX_USAGE).
-pub const EXIT_CONFIG: u8 = 64;
-/// Exit code for an unreachable server (EX_UNAVAILABLE).
-pub const EXIT_UNAVAILABLE: u8 = 69;
-
-/// Wraps an error so `main` exits with `code`.
-pub fn exit_with(code: u8, err: anyhow::Error) -> anyhow::Error {
-    err.context(Exit(code))
-}
+use crate::{client, demo, servers};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -116,7 +94,7 @@ pub struct AuthorityArgs {
     #[arg(long, env = "KEYFLEET_DATA_DIR", default_value = "keyfleet-data")]
     pub data_dir: PathBuf,
     /// The `iss` written into every token (verifiers fed by this authority learn it).
-    #[arg(long, env = "KEYFLEET_ISSUER", default_value = "keyfleet")]
+    #[arg(long, env = "KEYFLEET_ISSUER", default_value = keyfleet_authority::DEFAULT_ISSUER)]
     pub issuer: String,
     /// File with the admin bearer token; created (mode 0600) with a random token if missing.
     /// [default: <data-dir>/admin.token]
@@ -129,22 +107,22 @@ pub struct AuthorityArgs {
     pub node_token_file: Option<PathBuf>,
     /// Open WatchJwks streams (one per verifier) served at most; more are refused with
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "KEYFLEET_MAX_WATCHERS", default_value_t = keyfleet_authority::DEFAULT_MAX_WATCHERS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "KEYFLEET_MAX_WATCHERS", default_value_t = keyfleet_authority::DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
     /// Open WatchJwks streams one client address may hold (verifiers behind one NAT share it).
-    #[arg(long, env = "KEYFLEET_MAX_WATCHERS_PER_PEER", default_value_t = keyfleet_authority::DEFAULT_MAX_WATCHERS_PER_PEER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "KEYFLEET_MAX_WATCHERS_PER_PEER", default_value_t = keyfleet_authority::DEFAULT_MAX_WATCHERS_PER_PEER)]
     pub max_watchers_per_peer: usize,
     /// Longest lifetime of a minted token (also the default).
-    #[arg(long, env = "KEYFLEET_TOKEN_TTL", default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_TOKEN_TTL", default_value = default_secs(keyfleet_core::DEFAULT_TOKEN_TTL_SECS), value_parser = parse_duration)]
     pub token_ttl: Duration,
     /// How long a key signs before the scheduled rotation.
-    #[arg(long, env = "KEYFLEET_ROTATION_PERIOD", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_ROTATION_PERIOD", default_value = default_secs(keyfleet_core::DEFAULT_ROTATION_PERIOD_SECS), value_parser = parse_duration)]
     pub rotation_period: Duration,
     /// Longest wait for every watching verifier to acknowledge a next key before it signs anyway.
-    #[arg(long, env = "KEYFLEET_PUBLISH_AHEAD", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_PUBLISH_AHEAD", default_value = default_secs(keyfleet_core::DEFAULT_PUBLISH_AHEAD_SECS), value_parser = parse_duration)]
     pub publish_ahead: Duration,
     /// Clock skew verifiers allow; a retiring key stays published token-ttl + leeway after it stops signing.
-    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = default_secs(keyfleet_core::DEFAULT_LEEWAY_SECS), value_parser = parse_duration)]
     pub leeway: Duration,
     /// File with a 32-byte key-encryption key (64 hex chars) that seals private keys at rest.
     /// Or set KEYFLEET_KEK to the key itself.
@@ -158,10 +136,10 @@ pub struct AuthorityArgs {
     pub insecure_admin: bool,
     /// Key rotations and revocations allowed per second with the admin credential (bursts of
     /// twice that). Failed credentials never use it up: they are limited per client address.
-    #[arg(long, env = "KEYFLEET_ADMIN_RATE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KEYFLEET_ADMIN_RATE", default_value_t = keyfleet_authority::DEFAULT_ADMIN_RATE)]
     pub admin_rate: u32,
     /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
-    #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = default_max_inflight(), value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight: u32,
 }
 
@@ -202,17 +180,17 @@ pub struct VerifierArgs {
     #[arg(long, env = "KEYFLEET_ANY_AUDIENCE")]
     pub any_audience: bool,
     /// Clock skew allowed on exp, nbf and iat.
-    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = default_duration(keyfleet_verifier::DEFAULT_LEEWAY), value_parser = parse_duration)]
     pub leeway: Duration,
     /// Periodic pull of the key set, the fallback when the push stream is down.
-    #[arg(long, env = "KEYFLEET_REFRESH_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_REFRESH_INTERVAL", default_value = default_duration(keyfleet_verifier::DEFAULT_REFRESH_INTERVAL), value_parser = parse_duration)]
     pub refresh_interval: Duration,
     /// At most one refresh per this period on unknown `kid`s (a flood of made-up kids costs nothing).
-    #[arg(long, env = "KEYFLEET_UNKNOWN_KID_COOLDOWN", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_UNKNOWN_KID_COOLDOWN", default_value = default_duration(keyfleet_verifier::DEFAULT_UNKNOWN_KID_COOLDOWN), value_parser = parse_duration)]
     pub unknown_kid_cooldown: Duration,
     /// Keep verifying from the last good key set this long when the source is unreachable;
     /// after that answer UNAVAILABLE (fail closed).
-    #[arg(long, env = "KEYFLEET_MAX_STALE", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_MAX_STALE", default_value = default_duration(keyfleet_verifier::DEFAULT_MAX_STALE), value_parser = parse_duration)]
     pub max_stale: Duration,
     /// Directory for the last good key set, so a restart during an authority outage serves at once.
     #[arg(long, env = "KEYFLEET_CACHE_DIR")]
@@ -226,14 +204,14 @@ pub struct VerifierArgs {
     #[arg(long, env = "KEYFLEET_NODE_ID")]
     pub node_id: Option<String>,
     /// Region label of this node.
-    #[arg(long, env = "KEYFLEET_REGION", default_value = "default")]
+    #[arg(long, env = "KEYFLEET_REGION", default_value = keyfleet_verifier::DEFAULT_REGION)]
     pub region: String,
     /// Tokens longer than this are refused (TOO_LARGE) before any decoding.
-    #[arg(long, env = "KEYFLEET_MAX_TOKEN_BYTES", default_value_t = 8192)]
+    #[arg(long, env = "KEYFLEET_MAX_TOKEN_BYTES", default_value_t = keyfleet_core::DEFAULT_MAX_TOKEN_BYTES)]
     pub max_token_bytes: usize,
     /// Refuse tokens meant to live longer than this (exp - iat, or exp - now without iat) as
     /// MALFORMED, whoever signed them; 0 turns the check off.
-    #[arg(long, env = "KEYFLEET_MAX_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_MAX_LIFETIME", default_value = default_duration(keyfleet_verifier::DEFAULT_MAX_LIFETIME), value_parser = parse_duration)]
     pub max_lifetime: Duration,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
@@ -255,7 +233,7 @@ pub struct VerifierArgs {
     )]
     pub authority_client_key: Option<PathBuf>,
     /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
-    #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = default_max_inflight())]
     pub max_inflight: u32,
     /// File with the fleet credential (a copy of the authority's <data-dir>/node.token), sent on
     /// WatchJwks and GetJwks. Required with --authority.
@@ -291,13 +269,15 @@ pub struct ServerTlsArgs {
 }
 
 impl ServerTlsArgs {
-    fn load(&self) -> anyhow::Result<Option<keyfleet_runtime::tls::ServerTls>> {
+    pub fn load(&self) -> anyhow::Result<Option<keyfleet_runtime::tls::ServerTls>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        keyfleet_runtime::tls::ServerTls::from_files(cert, key, self.tls_client_ca.as_deref())
-            .map(Some)
-            .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))
+        Ok(Some(keyfleet_runtime::tls::ServerTls::from_files(
+            cert,
+            key,
+            self.tls_client_ca.as_deref(),
+        )?))
     }
 }
 
@@ -317,13 +297,12 @@ pub struct ClientTlsArgs {
 
 impl ClientTlsArgs {
     pub fn load(&self) -> anyhow::Result<keyfleet_runtime::tls::ClientTls> {
-        keyfleet_runtime::tls::ClientTls::from_files(
+        Ok(keyfleet_runtime::tls::ClientTls::from_files(
             self.ca.as_deref(),
             self.tls_cert.as_deref(),
             self.tls_key.as_deref(),
             "--ca",
-        )
-        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))
+        )?)
     }
 }
 
@@ -442,8 +421,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
-        Command::Authority(args) => run_authority(args).await,
-        Command::Verifier(args) => run_verifier(args).await,
+        Command::Authority(args) => servers::run_authority(args).await,
+        Command::Verifier(args) => servers::run_verifier(args).await,
         Command::Token(cmd) => client::token(cmd).await,
         Command::Keys(cmd) => client::keys(cmd).await,
         Command::Health { grpc, service, tls } => client::health(&grpc, &service, &tls).await,
@@ -451,156 +430,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn secs(d: Duration) -> i64 {
-    d.as_secs() as i64
+/// A library's default duration as `--help` shows it and `parse_duration` reads it back: whole
+/// hours as `24h`, whole minutes from two on as `15m`, else seconds (`60s`, `5s`) or
+/// milliseconds. Leaked once per flag when the command line is built, as clap's own
+/// `default_value_t` does (clap wants a `&'static str`).
+pub(crate) fn default_duration(d: Duration) -> &'static str {
+    let (s, ms) = (d.as_secs(), d.subsec_millis());
+    let text = match (s, ms) {
+        (_, 1..) => format!("{}ms", d.as_millis()),
+        (s, 0) if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        (s, 0) if s >= 120 && s % 60 == 0 => format!("{}m", s / 60),
+        (s, 0) => format!("{s}s"),
+    };
+    Box::leak(text.into_boxed_str())
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on {addr} for {what}: is another process using it? choose another address with --{what}-listen")
-    })
+/// [`default_duration`] of a default kept in whole seconds (keyfleet-core's ring policy).
+fn default_secs(secs: i64) -> &'static str {
+    default_duration(Duration::from_secs(secs.unsigned_abs()))
 }
 
-/// Cancels `token` on SIGTERM or Ctrl-C.
-fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        keyfleet_runtime::serve::shutdown_signal().await;
-        tracing::info!("shutdown signal received, draining");
-        token.cancel();
-    });
-}
-
-async fn run_authority(args: AuthorityArgs) -> anyhow::Result<ExitCode> {
-    let kek = match (&args.kek_file, std::env::var("KEYFLEET_KEK").ok()) {
-        (Some(path), _) => Some(
-            keyfleet_authority::Kek::from_file(path)
-                .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?,
-        ),
-        (None, Some(text)) => Some(
-            keyfleet_authority::Kek::parse(&text)
-                .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("KEYFLEET_KEK: {e}")))?,
-        ),
-        (None, None) => None,
-    };
-    let config = keyfleet_authority::Config {
-        admin_token_file: args
-            .admin_token_file
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join("admin.token")),
-        node_token_file: args
-            .node_token_file
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join(keyfleet_authority::NODE_TOKEN_FILE)),
-        max_watchers: args.max_watchers,
-        max_watchers_per_peer: args.max_watchers_per_peer,
-        data_dir: args.data_dir,
-        issuer: args.issuer,
-        policy: keyfleet_core::RingPolicy {
-            token_ttl: secs(args.token_ttl),
-            leeway: secs(args.leeway),
-            rotation_period: secs(args.rotation_period),
-            publish_ahead: secs(args.publish_ahead),
-        },
-        kek,
-        clock: Clock::system(),
-        watcher_timeout: Duration::from_secs(30),
-        tick_interval: Duration::from_secs(1),
-        tls: args.tls.load()?,
-        insecure_admin: args.insecure_admin,
-        admin_rate: args.admin_rate,
-        limits: keyfleet_runtime::limits::Limits {
-            max_inflight: args.max_inflight as usize,
-            ..Default::default()
-        },
-    };
-    let authority = keyfleet_authority::Authority::open(config)
-        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?;
-    let grpc = bind(args.grpc_listen, "grpc").await?;
-    let http = bind(args.http_listen, "http").await?;
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone());
-    authority.serve(grpc, http, shutdown).await?;
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
-    let source = match (args.authority, args.jwks_url) {
-        (Some(_), None) if args.node_token_file.is_none() => {
-            return Err(exit_with(
-                EXIT_CONFIG,
-                anyhow::anyhow!(
-                    "--authority needs --node-token-file (KEYFLEET_NODE_TOKEN_FILE): a copy of the authority's <data-dir>/node.token; without it the authority refuses the watch stream and withholds the deny lists"
-                ),
-            ));
-        }
-        (Some(url), None) => keyfleet_verifier::Source::Authority { url },
-        (None, Some(url)) => {
-            if args.issuer.is_none() {
-                return Err(exit_with(
-                    EXIT_CONFIG,
-                    anyhow::anyhow!(
-                        "--jwks-url needs --issuer: a plain JWKS does not say which issuer to trust"
-                    ),
-                ));
-            }
-            keyfleet_verifier::Source::JwksUrl { url }
-        }
-        _ => {
-            return Err(exit_with(
-                EXIT_CONFIG,
-                anyhow::anyhow!("give exactly one of --authority or --jwks-url"),
-            ));
-        }
-    };
-    let config = keyfleet_verifier::Config {
-        source,
-        issuer: args.issuer,
-        audiences: args.audience,
-        any_audience: args.any_audience,
-        leeway: args.leeway,
-        refresh_interval: args.refresh_interval,
-        unknown_kid_cooldown: args.unknown_kid_cooldown,
-        max_stale: args.max_stale,
-        cache_dir: args.cache_dir,
-        cache_entries: args.cache_entries,
-        node_id: args
-            .node_id
-            .unwrap_or_else(|| format!("verifier-{}", args.grpc_listen.port())),
-        region: args.region,
-        max_token_bytes: args.max_token_bytes,
-        // An explicit 0 turns the check off.
-        max_lifetime: (!args.max_lifetime.is_zero()).then_some(args.max_lifetime),
-        tls: args.tls.load()?,
-        source_tls: keyfleet_runtime::tls::ClientTls::from_files(
-            args.authority_ca.as_deref(),
-            args.authority_client_cert.as_deref(),
-            args.authority_client_key.as_deref(),
-            "--authority-ca",
-        )
-        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?,
-        limits: keyfleet_runtime::limits::Limits {
-            max_inflight: args.max_inflight as usize,
-            ..Default::default()
-        },
-        node_token_file: args.node_token_file,
-        clock: Clock::system(),
-    };
-    // The whole configuration is checked (and the node built) before any socket is bound: a
-    // bad one exits 64 without ever having listened.
-    config
-        .check()
-        .map_err(|e| exit_with(EXIT_CONFIG, anyhow::anyhow!("{e}")))?;
-    let node_id = config.node_id.clone();
-    let verifier = keyfleet_verifier::Verifier::open(config)
-        .await
-        .map_err(|e| exit_with(EXIT_CONFIG, e))?;
-    let grpc = bind(args.grpc_listen, "grpc").await?;
-    let http = bind(args.http_listen, "http").await?;
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, node_id = %node_id, "verifier listening");
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone());
-    verifier.serve(grpc, http, shutdown).await?;
-    Ok(ExitCode::SUCCESS)
+/// The servers' default cap on requests in progress (`keyfleet_runtime::limits::Limits`).
+fn default_max_inflight() -> u32 {
+    keyfleet_runtime::limits::Limits::default().max_inflight as u32
 }
 
 #[cfg(test)]
@@ -628,5 +480,39 @@ mod tests {
             };
             assert_eq!((jti.as_str(), until.as_str()), ("-hXyZ", "15m"), "{args:?}");
         }
+    }
+
+    /// `--help` shows the libraries' defaults the way an operator writes durations, and they
+    /// parse back to the same values.
+    #[test]
+    fn default_durations_read_like_flags() {
+        for (d, text) in [
+            (keyfleet_verifier::DEFAULT_MAX_LIFETIME, "24h"),
+            (keyfleet_verifier::DEFAULT_LEEWAY, "60s"),
+            (Duration::from_secs(15 * 60), "15m"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_millis(1500), "1500ms"),
+        ] {
+            assert_eq!(default_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d));
+        }
+    }
+
+    /// `--concurrency` has a default, yet `--rate` (which conflicts with it) is still accepted.
+    #[test]
+    fn a_rate_overrides_the_default_concurrency() {
+        let cli = Cli::try_parse_from(["keyfleet", "loadtest", "--local", "1", "--rate", "10"]);
+        assert!(cli.is_ok(), "{cli:?}");
+        let both = [
+            "keyfleet",
+            "loadtest",
+            "--local",
+            "1",
+            "--rate",
+            "1",
+            "--concurrency",
+            "2",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
     }
 }

@@ -1,5 +1,7 @@
-//! The admin and client commands (`token …`, `keys …`): thin gRPC calls with errors that say
-//! what went wrong and what to do.
+//! The admin and client commands (`token …`, `keys …`, `health`): each command's arguments
+//! and output. The calls go through `keyfleet_authority::client::AdminClient`; this file
+//! keeps the human side: errors that say what went wrong and what to do, and output safe to
+//! print.
 
 use std::borrow::Cow;
 use std::io::Read as _;
@@ -8,45 +10,60 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
+use keyfleet_authority::client::{AdminClient, ClientError, WaitError, state_name};
 use keyfleet_core::escape_untrusted;
-use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::verifier_client::VerifierClient;
-use keyfleet_proto::v1::{
-    IssueTokenRequest, KeyState, ListKeysRequest, ListKeysResponse, Reason, RevokeKeyRequest,
-    RevokeTokenRequest, RotateKeysRequest, VerifyRequest,
-};
+use keyfleet_proto::v1::{IssueTokenRequest, ListKeysResponse, Reason, VerifyRequest};
+use keyfleet_runtime::client::{ConnectError, Settings};
 use keyfleet_runtime::clock::system_now;
 use serde_json::json;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use crate::cli::{
-    AdminCred, ClientTlsArgs, EXIT_CONFIG, EXIT_UNAVAILABLE, KeysCommand, TokenCommand, exit_with,
-};
+use crate::cli::{AdminCred, AuthorityConn, ClientTlsArgs, KeysCommand, TokenCommand};
+use crate::exit::CliError;
 
-/// Connects to a gRPC server (over TLS for an https:// URL), explaining an unreachable one.
-pub async fn connect(
+/// How often `keys rotate` looks whether the promoted key signs yet: an operator is waiting,
+/// the authority is remote, and the wait is for a fleet's acknowledgements (seconds at least).
+const ROTATE_POLL: Duration = Duration::from_millis(250);
+
+/// Connects to the gRPC server at `url` (the `what`, set with `flag`), over TLS for https://.
+async fn connect(
     url: &str,
     what: &str,
     flag: &str,
     tls: &ClientTlsArgs,
 ) -> anyhow::Result<Channel> {
-    let tls = tls.load()?;
-    let endpoint = keyfleet_runtime::tls::endpoint(url, &tls)
-        .map_err(|e| {
-            exit_with(
-                EXIT_CONFIG,
-                anyhow!("{flag} {url:?} is not a URL ({e}): write it like http://127.0.0.1:7000"),
-            )
-        })?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10));
-    endpoint.connect().await.map_err(|e| {
-        exit_with(
-            EXIT_UNAVAILABLE,
-            anyhow!("cannot reach the {what} at {url}: {e}; is it running there? (set {flag} or KEYFLEET_{})", flag.trim_start_matches("--").to_uppercase()),
-        )
-    })
+    keyfleet_runtime::client::connect(url, &tls.load()?, &Settings::COMMAND)
+        .await
+        .map_err(|e| explain_connect(e, url, what, flag))
+}
+
+/// Connects the admin client to `--authority` with the admin credential.
+async fn admin(conn: &AuthorityConn, cred: &AdminCred) -> anyhow::Result<AdminClient> {
+    let token = admin_token(cred)?;
+    let url = &conn.authority;
+    AdminClient::connect(url, &conn.tls.load()?, &Settings::COMMAND, &token)
+        .await
+        .map_err(|e| match e {
+            ClientError::BadToken => anyhow::Error::new(e).context(CliError::Usage(
+                "the admin credential (--admin-token-file or KEYFLEET_ADMIN_TOKEN)".into(),
+            )),
+            ClientError::Connect(e) => explain_connect(e, url, "authority", "--authority"),
+        })
+}
+
+/// A bad URL (exit 64) or an unreachable server (exit 69), with the flag that sets it.
+fn explain_connect(e: ConnectError, url: &str, what: &str, flag: &str) -> anyhow::Error {
+    match e {
+        ConnectError::Endpoint(e) => anyhow::Error::new(e).context(CliError::Usage(flag.into())),
+        ConnectError::Unreachable { source, .. } => {
+            let env = flag.trim_start_matches("--").to_uppercase();
+            anyhow::Error::new(source).context(CliError::Unavailable(format!(
+                "cannot reach the {what} at {url}: is it running there? (set {flag} or KEYFLEET_{env})"
+            )))
+        }
+    }
 }
 
 /// Text a server chose, made safe to print: control characters (ESC, CR, LF, …) escaped, so a
@@ -79,16 +96,13 @@ fn terminal_json(value: &serde_json::Value) -> anyhow::Result<String> {
 fn explain(status: Status, action: &str) -> anyhow::Error {
     let message = shown(status.message());
     match status.code() {
-        Code::Unauthenticated => exit_with(
-            EXIT_CONFIG,
-            anyhow!(
-                "{action}: the authority refused the admin credential ({message}): pass --admin-token-file with the authority's admin.token, or set KEYFLEET_ADMIN_TOKEN"
-            ),
-        ),
-        Code::Unavailable => exit_with(
-            EXIT_UNAVAILABLE,
-            anyhow!("{action}: server unavailable: {message}"),
-        ),
+        Code::Unauthenticated => CliError::Usage(format!(
+            "{action}: the authority refused the admin credential ({message}): pass --admin-token-file with the authority's admin.token, or set KEYFLEET_ADMIN_TOKEN"
+        ))
+        .into(),
+        Code::Unavailable => {
+            CliError::Unavailable(format!("{action}: server unavailable: {message}")).into()
+        }
         _ => anyhow!("{action}: {message} ({:?})", status.code()),
     }
 }
@@ -100,46 +114,31 @@ pub fn admin_token(cred: &AdminCred) -> anyhow::Result<String> {
     }
     match std::env::var("KEYFLEET_ADMIN_TOKEN") {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
-        _ => Err(exit_with(
-            EXIT_CONFIG,
-            anyhow!(
-                "this command needs the admin credential: pass --admin-token-file (the authority's <data-dir>/admin.token) or set KEYFLEET_ADMIN_TOKEN"
-            ),
-        )),
+        _ => Err(CliError::Usage(
+            "this command needs the admin credential: pass --admin-token-file (the authority's <data-dir>/admin.token) or set KEYFLEET_ADMIN_TOKEN".into(),
+        )
+        .into()),
     }
 }
 
 fn read_token_file(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        exit_with(
-            EXIT_CONFIG,
-            anyhow!("cannot read the admin token file {}: {e}", path.display()),
-        )
-    })?;
+    let text = std::fs::read_to_string(path).context(CliError::Usage(format!(
+        "cannot read the admin token file {}",
+        path.display()
+    )))?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(exit_with(
-            EXIT_CONFIG,
-            anyhow!("the admin token file {} is empty", path.display()),
-        ));
+        return Err(
+            CliError::Usage(format!("the admin token file {} is empty", path.display())).into(),
+        );
     }
     Ok(token.to_owned())
-}
-
-/// Wraps `msg` in a request carrying `authorization: Bearer <token>`.
-pub fn with_admin<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
-    let mut req = Request::new(msg);
-    let value = format!("Bearer {token}")
-        .parse()
-        .context("the admin token has characters that cannot go in a header")?;
-    req.metadata_mut().insert("authorization", value);
-    Ok(req)
 }
 
 fn parse_claim(kv: &str) -> anyhow::Result<(String, String)> {
     let (k, v) = kv
         .split_once('=')
-        .ok_or_else(|| exit_with(EXIT_CONFIG, anyhow!("--claim {kv:?} is not KEY=VALUE")))?;
+        .ok_or_else(|| CliError::Usage(format!("--claim {kv:?} is not KEY=VALUE")))?;
     Ok((k.to_owned(), v.to_owned()))
 }
 
@@ -156,12 +155,10 @@ fn parse_until(s: &str) -> anyhow::Result<i64> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(system_now() + d.as_secs() as i64);
     }
-    Err(exit_with(
-        EXIT_CONFIG,
-        anyhow!(
-            "--until {s:?}: give Unix seconds (the token's exp), an RFC 3339 time or a duration like 15m"
-        ),
+    Err(CliError::Usage(format!(
+        "--until {s:?}: give Unix seconds (the token's exp), an RFC 3339 time or a duration like 15m"
     ))
+    .into())
 }
 
 pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
@@ -174,14 +171,11 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             ttl,
             claims,
         } => {
-            let token = admin_token(&cred)?;
             let claims = claims
                 .iter()
                 .map(|c| parse_claim(c))
                 .collect::<anyhow::Result<_>>()?;
-            let mut client = AuthorityClient::new(
-                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
-            );
+            let client = admin(&conn, &cred).await?;
             let req = IssueTokenRequest {
                 subject,
                 audience,
@@ -189,10 +183,10 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 claims,
             };
             let resp = client
-                .issue_token(with_admin(req, &token)?)
+                .issue(req)
                 .await
                 .map_err(|s| explain(s, "issue token"))?;
-            println!("{}", shown(&resp.into_inner().token));
+            println!("{}", shown(&resp.token));
             Ok(ExitCode::SUCCESS)
         }
         TokenCommand::Verify {
@@ -249,24 +243,15 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             jti,
             until,
         } => {
-            let token = admin_token(&cred)?;
             let until = parse_until(&until)?;
-            let mut client = AuthorityClient::new(
-                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
-            );
+            let client = admin(&conn, &cred).await?;
             let resp = client
-                .revoke_token(with_admin(
-                    RevokeTokenRequest {
-                        jti: jti.clone(),
-                        until,
-                    },
-                    &token,
-                )?)
+                .revoke_token(&jti, until)
                 .await
                 .map_err(|s| explain(s, "revoke token"))?;
             println!(
                 "token {jti} denied until {until} (JWKS version {})",
-                resp.into_inner().version
+                resp.version
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -277,15 +262,11 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         KeysCommand::List { conn, cred, json } => {
             // The fleet view (node ids, regions, the schedule) is for operators only.
-            let token = admin_token(&cred)?;
-            let mut client = AuthorityClient::new(
-                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
-            );
-            let resp = client
-                .list_keys(with_admin(ListKeysRequest {}, &token)?)
+            let resp = admin(&conn, &cred)
+                .await?
+                .list_keys()
                 .await
-                .map_err(|s| explain(s, "list keys"))?
-                .into_inner();
+                .map_err(|s| explain(s, "list keys"))?;
             if json {
                 println!("{}", terminal_json(&list_json(&resp))?);
             } else {
@@ -299,74 +280,49 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
             no_wait,
             timeout,
         } => {
-            let token = admin_token(&cred)?;
-            let mut client = AuthorityClient::new(
-                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
-            );
+            let client = admin(&conn, &cred).await?;
             let r = client
-                .rotate_keys(with_admin(RotateKeysRequest {}, &token)?)
+                .rotate()
                 .await
-                .map_err(|s| explain(s, "rotate keys"))?
-                .into_inner();
+                .map_err(|s| explain(s, "rotate keys"))?;
+            let kid = shown(&r.promoting_kid);
             if r.activated || no_wait {
                 let state = if r.activated {
                     "active"
                 } else {
                     "promoting (waiting for the fleet's acknowledgements)"
                 };
-                println!("key {} is {state}", shown(&r.promoting_kid));
+                println!("key {kid} is {state}");
                 return Ok(ExitCode::SUCCESS);
             }
             eprintln!(
-                "key {} is published; waiting until every watching verifier holds it (at most --publish-ahead)...",
-                shown(&r.promoting_kid)
+                "key {kid} is published; waiting until every watching verifier holds it (at most --publish-ahead)..."
             );
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let list = client
-                    .list_keys(with_admin(ListKeysRequest {}, &token)?)
-                    .await
-                    .map_err(|s| explain(s, "list keys"))?
-                    .into_inner();
-                let state = list
-                    .keys
-                    .iter()
-                    .find(|k| k.kid == r.promoting_kid)
-                    .map(|k| k.state());
-                match state {
-                    Some(KeyState::Active) | Some(KeyState::Retiring) => {
-                        println!("key {} is active", shown(&r.promoting_kid));
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    Some(KeyState::Next) => {}
-                    other => {
-                        return Err(anyhow!(
-                            "key {} left the rotation (now {:?}): see `keyfleet keys list`",
-                            shown(&r.promoting_kid),
-                            other
-                        ));
-                    }
+            match client
+                .wait_until_signing(&r.promoting_kid, timeout, ROTATE_POLL)
+                .await
+            {
+                Ok(()) => {
+                    println!("key {kid} is active");
+                    Ok(ExitCode::SUCCESS)
                 }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(anyhow!(
-                        "key {} is still not active after {}: see `keyfleet keys list` for lagging watchers",
-                        shown(&r.promoting_kid),
-                        humantime::format_duration(timeout)
-                    ));
-                }
+                Err(WaitError::Rotate(s)) => Err(explain(s, "rotate keys")),
+                Err(WaitError::List(s)) => Err(explain(s, "list keys")),
+                Err(WaitError::LeftRotation { state, .. }) => Err(anyhow!(
+                    "key {kid} left the rotation (now {state}): see `keyfleet keys list`"
+                )),
+                Err(WaitError::TimedOut { timeout, .. }) => Err(anyhow!(
+                    "key {kid} is still not active after {}: see `keyfleet keys list` for lagging watchers",
+                    humantime::format_duration(timeout)
+                )),
             }
         }
         KeysCommand::Revoke { conn, cred, kid } => {
-            let token = admin_token(&cred)?;
-            let mut client = AuthorityClient::new(
-                connect(&conn.authority, "authority", "--authority", &conn.tls).await?,
-            );
-            let r = client
-                .revoke_key(with_admin(RevokeKeyRequest { kid }, &token)?)
+            let r = admin(&conn, &cred)
+                .await?
+                .revoke_key(&kid)
                 .await
-                .map_err(|s| explain(s, "revoke key"))?
-                .into_inner();
+                .map_err(|s| explain(s, "revoke key"))?;
             println!(
                 "key {} revoked; {} signs now (JWKS version {})",
                 shown(&r.revoked_kid),
@@ -375,17 +331,6 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-fn state_name(state: i32) -> &'static str {
-    match KeyState::try_from(state) {
-        Ok(KeyState::Next) => "next",
-        Ok(KeyState::Active) => "active",
-        Ok(KeyState::Retiring) => "retiring",
-        Ok(KeyState::Retired) => "retired",
-        Ok(KeyState::Revoked) => "revoked",
-        _ => "unknown",
     }
 }
 
@@ -505,7 +450,7 @@ pub async fn health(url: &str, service: &str, tls: &ClientTlsArgs) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyfleet_proto::v1::{KeyInfo, WatcherInfo};
+    use keyfleet_proto::v1::{KeyInfo, KeyState, WatcherInfo};
 
     /// What a hostile (or confused) authority could send: ESC sequences, CR, LF, C1 controls.
     const HOSTILE: &str = "node-1\u{1b}[2J\r\nERROR KEY RING CORRUPTED\u{9b}31m\u{7f}";

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::anyhow;
 use clap::{Args, ValueEnum};
-use keyfleet_loadtest::{Invalid, Load, LoadOptions, Pick, Target};
+use keyfleet_loadtest::{Invalid, Load, LoadOptions, Pick, Target, engine};
 use keyfleet_runtime::parse_duration;
 
-use crate::cli::{AdminCred, ClientTlsArgs, EXIT_CONFIG, exit_with};
+use crate::cli::{AdminCred, ClientTlsArgs, default_duration};
+use crate::exit::CliError;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum InvalidArg {
@@ -44,22 +44,22 @@ pub struct LoadtestArgs {
     #[arg(long, env = "KEYFLEET_LOCAL", conflicts_with_all = ["authority", "verifiers"], value_parser = clap::value_parser!(u16).range(1..=64))]
     pub local: Option<u16>,
     /// How long to load.
-    #[arg(long, env = "KEYFLEET_DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_DURATION", default_value = default_duration(engine::DEFAULT_DURATION), value_parser = parse_duration)]
     pub duration: Duration,
     /// Open loop: this many requests per second, latency measured from the intended send time.
     #[arg(long, env = "KEYFLEET_RATE", conflicts_with = "concurrency")]
     pub rate: Option<u64>,
-    /// Closed loop: this many requests in flight (the default: 32).
-    #[arg(long, env = "KEYFLEET_CONCURRENCY")]
-    pub concurrency: Option<usize>,
+    /// Closed loop: this many requests in flight (the default, unless --rate).
+    #[arg(long, env = "KEYFLEET_CONCURRENCY", default_value_t = engine::DEFAULT_CONCURRENCY)]
+    pub concurrency: usize,
     /// Legitimate tokens in the pool (minted before the run; fresh ones replace some during it).
-    #[arg(long, env = "KEYFLEET_TOKENS", default_value_t = 1000)]
+    #[arg(long, env = "KEYFLEET_TOKENS", default_value_t = engine::DEFAULT_TOKENS)]
     pub tokens: usize,
     /// How each request picks its node.
     #[arg(long, env = "KEYFLEET_PICK", value_enum, default_value = "random")]
     pub pick: PickArg,
     /// gRPC connections to each node.
-    #[arg(long, env = "KEYFLEET_CONNECTIONS_PER_NODE", default_value_t = 2)]
+    #[arg(long, env = "KEYFLEET_CONNECTIONS_PER_NODE", default_value_t = engine::DEFAULT_CONNECTIONS_PER_NODE)]
     pub connections_per_node: usize,
     /// Rotate the keys this often (RotateKeys on the authority).
     #[arg(long, env = "KEYFLEET_ROTATE_EVERY", value_parser = parse_duration)]
@@ -69,17 +69,17 @@ pub struct LoadtestArgs {
     pub kill_every: Option<Duration>,
     /// Share of requests carrying a token that must be refused (forged, expired, wrong
     /// audience, unknown kid).
-    #[arg(long, env = "KEYFLEET_INVALID_RATIO", default_value_t = 0.05)]
+    #[arg(long, env = "KEYFLEET_INVALID_RATIO", default_value_t = engine::DEFAULT_INVALID_RATIO)]
     pub invalid_ratio: f64,
     /// Which tokens that must be refused: any kind, or only one (e.g. unknown-kid for a flood
     /// of made-up kids).
     #[arg(long, env = "KEYFLEET_INVALID_KIND", value_enum, default_value = "any")]
     pub invalid_kind: InvalidArg,
     /// Audience minted into the tokens and asked for in Verify.
-    #[arg(long, env = "KEYFLEET_AUDIENCE", default_value = "loadtest")]
+    #[arg(long, env = "KEYFLEET_AUDIENCE", default_value = engine::DEFAULT_AUDIENCE)]
     pub audience: String,
     /// The verifiers' clock leeway: expired tokens are sent only once surely refused.
-    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYFLEET_LEEWAY", default_value = default_duration(keyfleet_verifier::DEFAULT_LEEWAY), value_parser = parse_duration)]
     pub leeway: Duration,
     /// With --local: the verifiers' verified-token cache bound (0 turns it off).
     #[arg(long, env = "KEYFLEET_CACHE_ENTRIES")]
@@ -106,22 +106,22 @@ impl LoadtestArgs {
                 verifiers: n as usize,
             },
             None => Target::Remote {
-                authority: self
-                    .authority
-                    .ok_or_else(|| anyhow!("--authority is required without --local"))?,
+                authority: self.authority.ok_or_else(|| {
+                    CliError::Usage("--authority is required without --local".into())
+                })?,
                 verifiers: self.verifiers,
                 admin_token: crate::client::admin_token(&self.cred)?,
             },
         };
         if !(0.0..=1.0).contains(&self.invalid_ratio) {
-            return Err(anyhow!("--invalid-ratio must be between 0 and 1"));
+            return Err(CliError::Usage("--invalid-ratio must be between 0 and 1".into()).into());
         }
         let load = match (self.rate, self.concurrency) {
-            (Some(0), _) | (_, Some(0)) => {
-                return Err(anyhow!("--rate and --concurrency must be > 0"));
+            (Some(0), _) | (_, 0) => {
+                return Err(CliError::Usage("--rate and --concurrency must be > 0".into()).into());
             }
             (Some(r), _) => Load::Rate(r),
-            (None, c) => Load::Concurrency(c.unwrap_or(32)),
+            (None, c) => Load::Concurrency(c),
         };
         Ok(LoadOptions {
             target,
@@ -155,7 +155,7 @@ impl LoadtestArgs {
 
 pub async fn run(args: LoadtestArgs) -> anyhow::Result<ExitCode> {
     let (json, html_file) = (args.report_json.clone(), args.report_html.clone());
-    let options = args.options().map_err(|e| exit_with(EXIT_CONFIG, e))?;
+    let options = args.options()?;
     let report = keyfleet_loadtest::run(options).await?;
     print!("{}", report.summary());
     report.write(json.as_deref(), html_file.as_deref())?;

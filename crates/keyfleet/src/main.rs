@@ -4,7 +4,9 @@
 mod cli;
 mod client;
 mod demo;
+mod exit;
 mod loadtest;
+mod servers;
 
 use std::process::ExitCode;
 
@@ -24,8 +26,8 @@ fn main() -> ExitCode {
                 | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
                     ExitCode::SUCCESS
                 }
-                // EX_USAGE: the command line itself is wrong.
-                _ => ExitCode::from(64),
+                // The command line itself is wrong.
+                _ => ExitCode::from(exit::EXIT_CONFIG),
             };
         }
     };
@@ -36,21 +38,16 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
+            // EX_OSERR: the system refused threads or descriptors.
             return ExitCode::from(71);
         }
     };
     match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // The exit code rides along as a context layer; the operator reads the message.
-            let code = e.downcast_ref::<cli::Exit>().map_or(1, |x| x.0);
-            let message: Vec<String> = e
-                .chain()
-                .filter(|cause| !cause.is::<cli::Exit>())
-                .map(ToString::to_string)
-                .collect();
-            eprintln!("error: {}", message.join(": "));
-            ExitCode::from(code)
+            // The whole chain, each cause once; the exit code is told by its types (exit.rs).
+            eprintln!("error: {}", keyfleet_runtime::error_chain(e.as_ref()));
+            ExitCode::from(exit::exit_code(&e))
         }
     }
 }

@@ -4,21 +4,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keyfleet_authority::client::AdminClient;
 use rand::Rng as _;
 use tokio::time::Instant;
 
-use super::minter::Minter;
 use super::state::Shared;
 use crate::cluster::LocalCluster;
 use crate::report::EventKind;
 
 /// How long a rotation may take to promote its key before it counts as failed.
 const ROTATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a rotation looks whether its key signs yet: the rotation is a timeline event,
+/// placed within a few tens of milliseconds of the moment the key signs.
+const ROTATE_POLL: Duration = Duration::from_millis(20);
 
 /// Rotates the authority's keys every `every` from `started`, until the run stops.
 pub(super) async fn rotate_loop(
     shared: Arc<Shared>,
-    minter: Minter,
+    authority: AdminClient,
     every: Duration,
     started: Instant,
 ) {
@@ -28,12 +31,12 @@ pub(super) async fn rotate_loop(
             return;
         }
         next += every;
-        match minter.rotate(ROTATE_TIMEOUT).await {
+        match authority.rotate_and_wait(ROTATE_TIMEOUT, ROTATE_POLL).await {
             Ok(kid) => {
                 shared.set_current_kid(&kid);
                 shared.event(started, EventKind::Rotation, kid);
             }
-            Err(e) => tracing::warn!(error = %e, "rotation failed"),
+            Err(e) => tracing::warn!(error = %keyfleet_runtime::error_chain(&e), "rotation failed"),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The server-cost measurements of `--local` runs (see ARCHITECTURE.md, "How server cost is
-//! measured"): after the load, the same load shape replayed as the empty gRPC call, as `Verify`
+//! The server-cost measurements of `--local` runs (how server cost is measured:
+//! docs/perf.md): after the load, the same load shape replayed as the empty gRPC call, as `Verify`
 //! and `VerifyBatch` with every node's cache off, and one thread calling a node's verify path
 //! in-process; each timed by the CPU clock of the threads that did the work.
 

@@ -6,10 +6,10 @@ use std::io::IsTerminal as _;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use keyfleet_authority::client::AdminClient;
 use tokio::time::Instant;
 
 use super::counters::RunFacts;
-use super::minter::Minter;
 use super::schedule::schedule;
 use super::state::Shared;
 use super::ticker::{Ticked, tick_loop};
@@ -24,12 +24,12 @@ pub(super) async fn drive(
     options: &LoadOptions,
     target: String,
     urls: &[String],
-    minter: Minter,
+    authority: AdminClient,
     cluster: Option<Arc<tokio::sync::Mutex<LocalCluster>>>,
 ) -> anyhow::Result<Report> {
     let shared = Shared::connect(options, urls)?;
     let with_invalid = options.invalid_ratio > 0.0;
-    let expiring = tokens::fill(&shared, &minter, options.tokens, with_invalid).await?;
+    let expiring = tokens::fill(&shared, &authority, options.tokens, with_invalid).await?;
 
     let started = Instant::now();
     let end = started + options.duration;
@@ -43,7 +43,7 @@ pub(super) async fn drive(
     let mut background = tokio::task::JoinSet::new();
     background.spawn(tokens::mint_loop(
         shared.clone(),
-        minter.clone(),
+        authority.clone(),
         expiring,
         options.leeway,
         with_invalid,
@@ -51,7 +51,7 @@ pub(super) async fn drive(
     if let Some(every) = options.rotate_every {
         background.spawn(chaos::rotate_loop(
             shared.clone(),
-            minter.clone(),
+            authority.clone(),
             every,
             started,
         ));

@@ -5,18 +5,20 @@
 //! server-cost measurements of the report.
 //!
 //! The jobs, one file each: `drive` (one run, from connecting to the report), `tokens` (the
-//! pool of tokens with known verdicts, forgeries, fresh minting), `minter` (the authority as
-//! the load uses it), `state` (what the workers and background tasks share), `request` (one
-//! `Verify` with retries, and judging its answer), `schedule` (the open/closed-loop
-//! scheduler of both the run and the cost phases), `counters` (per-second and total counts),
-//! `ticker` (the timeline and progress line), `chaos` (rotations and node kills) and `cost`
-//! (the server-cost measurements).
+//! pool of tokens with known verdicts, forgeries, fresh minting), `state` (what the workers
+//! and background tasks share), `request` (one `Verify` with retries, and judging its
+//! answer), `schedule` (the open/closed-loop scheduler of both the run and the cost phases),
+//! `counters` (per-second and total counts), `ticker` (the timeline and progress line),
+//! `chaos` (rotations and node kills) and `cost` (the server-cost measurements).
+//!
+//! The authority is called through `keyfleet_authority::client::AdminClient`; every
+//! connection the load makes uses `keyfleet_runtime::client::Settings::LOAD` (a request not
+//! answered within its deadline is retried on another node).
 
 mod chaos;
 mod cost;
 mod counters;
 mod drive;
-mod minter;
 mod request;
 mod schedule;
 mod state;
@@ -27,22 +29,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use keyfleet_authority::client::AdminClient;
 use keyfleet_proto::v1::Reason;
-use keyfleet_proto::v1::authority_client::AuthorityClient;
-use tonic::transport::Endpoint;
+use keyfleet_runtime::client::Settings;
 
 use crate::cluster::{ClusterOptions, LocalCluster};
 use crate::report::Report;
 use drive::drive;
-use minter::Minter;
 
 /// The verifier runtime's thread name, how their CPU time is found in `/proc`.
 const SERVER_THREADS: &str = "kf-verifier";
 /// A legitimate token counts in `tokens_on_multiple_nodes_ratio` once verified this often: with
 /// non-sticky routing over N nodes, the chance it met only one node is N·(1/N)^10.
 pub const SPREAD_MIN_CHECKS: u64 = 10;
-/// A request's deadline on one node, before it is retried on another.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The defaults of a run (`keyfleet loadtest`'s flags, [`LoadOptions::default`]).
+pub const DEFAULT_DURATION: Duration = Duration::from_secs(30);
+/// Closed loop with this many requests in flight unless a rate or concurrency is given.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+pub const DEFAULT_TOKENS: usize = 1000;
+pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 2;
+pub const DEFAULT_INVALID_RATIO: f64 = 0.05;
+/// The audience minted into tokens, asked for in `Verify`, and guarded by the local cluster.
+pub const DEFAULT_AUDIENCE: &str = "loadtest";
 
 /// Which cluster to load.
 #[derive(Debug, Clone)]
@@ -135,17 +143,17 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             target: Target::Local { verifiers: 3 },
-            duration: Duration::from_secs(30),
-            load: Load::Concurrency(32),
-            tokens: 1000,
+            duration: DEFAULT_DURATION,
+            load: Load::Concurrency(DEFAULT_CONCURRENCY),
+            tokens: DEFAULT_TOKENS,
             pick: Pick::Random,
-            connections_per_node: 2,
+            connections_per_node: DEFAULT_CONNECTIONS_PER_NODE,
             rotate_every: None,
             kill_every: None,
-            invalid_ratio: 0.05,
+            invalid_ratio: DEFAULT_INVALID_RATIO,
             invalid_kind: Invalid::Any,
-            audience: "loadtest".into(),
-            leeway: Duration::from_secs(60),
+            audience: DEFAULT_AUDIENCE.into(),
+            leeway: keyfleet_verifier::DEFAULT_LEEWAY,
             cache_entries: None,
             measure_cost: true,
             progress: true,
@@ -164,13 +172,11 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
             verifiers,
             admin_token,
         } => {
-            let channel = endpoint(&authority, &options.tls)?.connect_lazy();
-            let minter = Minter {
-                client: AuthorityClient::new(channel),
-                admin_token,
-            };
+            let authority =
+                AdminClient::lazy(&authority, &options.tls, &Settings::LOAD, &admin_token)
+                    .context("--authority")?;
             let target = format!("{} verifiers at {}", verifiers.len(), verifiers.join(","));
-            drive(&options, target, &verifiers, minter, None).await
+            drive(&options, target, &verifiers, authority, None).await
         }
     }
 }
@@ -198,32 +204,15 @@ async fn run_local(options: LoadOptions, verifiers: usize) -> anyhow::Result<Rep
         .await
         .context("starting the local cluster")?;
     let urls = cluster.verifier_urls();
-    let minter = Minter {
-        client: cluster.authority_client().await?,
-        admin_token: cluster.admin_token.clone(),
-    };
+    let authority = cluster.admin_client();
     let mut options = options;
     options.leeway = Duration::from_secs(1);
     let target = format!("local cluster: 1 authority, {verifiers} verifiers (regions a, b)");
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
-    let result = drive(&options, target, &urls, minter, Some(cluster.clone())).await;
+    let result = drive(&options, target, &urls, authority, Some(cluster.clone())).await;
     if let Ok(cluster) = Arc::try_unwrap(cluster) {
         cluster.into_inner().shutdown().await.ok();
     }
     runtime.shutdown_background();
     result
-}
-
-/// The gRPC client settings of every connection the load makes (authority and verifiers).
-fn endpoint(url: &str, tls: &keyfleet_runtime::tls::ClientTls) -> anyhow::Result<Endpoint> {
-    Ok(keyfleet_runtime::tls::endpoint(url, tls)
-        .with_context(|| format!("bad URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(ATTEMPT_TIMEOUT)
-        // A killed node sends no reset: keepalive pings find the dead connection within ~2 s
-        // so the channel reconnects instead of sending every request into the void.
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(1))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true))
 }

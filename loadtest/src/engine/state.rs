@@ -5,14 +5,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use keyfleet_proto::v1::verifier_client::VerifierClient;
+use keyfleet_runtime::client::Settings;
 use rand::Rng as _;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::counters::Counters;
 use super::tokens::{Expect, Pool, PoolToken};
-use super::{Invalid, LoadOptions, Pick, endpoint};
+use super::{Invalid, LoadOptions, Pick};
 use crate::report::{Event, EventKind};
 
 /// One run's shared state, behind an `Arc` in every worker and background task.
@@ -46,7 +48,10 @@ impl Shared {
         for url in urls {
             let mut conns = Vec::new();
             for _ in 0..options.connections_per_node.max(1) {
-                let channel = endpoint(url, &options.tls)?.connect_lazy();
+                let channel =
+                    keyfleet_runtime::client::endpoint(url, &options.tls, &Settings::LOAD)
+                        .context("--verifiers")?
+                        .connect_lazy();
                 channels.push(channel.clone());
                 conns.push(VerifierClient::new(channel));
             }

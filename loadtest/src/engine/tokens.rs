@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use ed25519_dalek::SigningKey;
+use keyfleet_authority::client::AdminClient;
 use keyfleet_core::{TokenClaims, sign_token};
-use keyfleet_proto::v1::{IssueTokenResponse, Reason};
+use keyfleet_proto::v1::{IssueTokenRequest, IssueTokenResponse, Reason};
 use rand::Rng as _;
 
-use super::minter::Minter;
 use super::state::{Shared, write};
 
 /// What a token must get.
@@ -40,7 +41,7 @@ pub(super) struct Pool {
 /// surely expired (see [`mint_loop`]).
 pub(super) async fn fill(
     shared: &Shared,
-    minter: &Minter,
+    authority: &AdminClient,
     count: usize,
     with_invalid: bool,
 ) -> anyhow::Result<Vec<IssueTokenResponse>> {
@@ -48,8 +49,9 @@ pub(super) async fn fill(
     let mut valid = Vec::with_capacity(count);
     let mut batch = tokio::task::JoinSet::new();
     for i in 0..count.max(1) {
-        let (m, aud) = (minter.clone(), shared.audience.clone());
-        batch.spawn(async move { m.issue(&format!("load-{i}"), &aud, 0).await });
+        let request = minted(format!("load-{i}"), &shared.audience, 0);
+        let authority = authority.clone();
+        batch.spawn(async move { mint(&authority, request).await });
         if batch.len() >= 8 {
             valid.push(batch.join_next().await.expect("a task")??);
         }
@@ -74,23 +76,42 @@ pub(super) async fn fill(
     if with_invalid {
         let mut invalid = crafted(shared, &shared.current_kid(), 8);
         for i in 0..8 {
-            let t = minter
-                .issue(&format!("other-{i}"), "not-the-audience", 0)
-                .await?;
+            let t = mint(
+                authority,
+                minted(format!("other-{i}"), "not-the-audience", 0),
+            )
+            .await?;
             invalid.push(Arc::new(PoolToken {
                 id: shared.next_id(),
                 token: t.token,
                 expect: Expect::Refused(Reason::WrongAudience),
             }));
-            expiring.push(
-                minter
-                    .issue(&format!("short-{i}"), &shared.audience, 1)
-                    .await?,
-            );
+            let short = minted(format!("short-{i}"), &shared.audience, 1);
+            expiring.push(mint(authority, short).await?);
         }
         write(&shared.pool).invalid = invalid;
     }
     Ok(expiring)
+}
+
+/// A token for `subject` and `audience`, living `ttl_seconds` (0: the authority's default).
+fn minted(subject: String, audience: &str, ttl_seconds: i64) -> IssueTokenRequest {
+    IssueTokenRequest {
+        subject,
+        audience: vec![audience.to_owned()],
+        ttl_seconds,
+        ..IssueTokenRequest::default()
+    }
+}
+
+async fn mint(
+    authority: &AdminClient,
+    request: IssueTokenRequest,
+) -> anyhow::Result<IssueTokenResponse> {
+    authority
+        .issue(request)
+        .await
+        .context("minting a token at the authority (IssueToken)")
 }
 
 /// Tokens that must be refused, made here: a signature by a key the authority never had under
@@ -128,7 +149,7 @@ fn crafted(shared: &Shared, kid: &str, n: usize) -> Vec<Arc<PoolToken>> {
 /// moves short-lived tokens into the refused pool once surely expired.
 pub(super) async fn mint_loop(
     shared: Arc<Shared>,
-    minter: Minter,
+    authority: AdminClient,
     mut expiring: Vec<IssueTokenResponse>,
     leeway: Duration,
     with_invalid: bool,
@@ -137,9 +158,11 @@ pub(super) async fn mint_loop(
     while !shared.stopped() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         n += 1;
-        let Ok(t) = minter
-            .issue(&format!("fresh-{n}"), &shared.audience, 0)
-            .await
+        let Ok(t) = mint(
+            &authority,
+            minted(format!("fresh-{n}"), &shared.audience, 0),
+        )
+        .await
         else {
             continue;
         };

@@ -74,16 +74,27 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
     samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_verify_requests_do_not_shut_out_a_separate_client() {
-    let cluster = LocalCluster::start(ClusterOptions {
+/// A cluster with one verifier.
+async fn one_verifier() -> LocalCluster {
+    LocalCluster::start(ClusterOptions {
         verifiers: 1,
         ..ClusterOptions::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// A cluster with one verifier, an audience it guards and a token for it.
+async fn one_verifier_and_a_token() -> (LocalCluster, String, String) {
+    let cluster = one_verifier().await;
     let audience = audience_of(&cluster);
     let token = cluster.issue("alice", &audience).await.unwrap().token;
+    (cluster, audience, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_verify_requests_do_not_shut_out_a_separate_client() {
+    let (cluster, audience, token) = one_verifier_and_a_token().await;
     let node = cluster.verifiers[0].grpc;
     let mut honest = VerifierClient::new(channel(&cluster.verifier_urls()[0]).await.unwrap());
 
@@ -140,12 +151,7 @@ async fn stalled_verify_requests_do_not_shut_out_a_separate_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_requests_on_the_authority_do_not_block_revocations() {
-    let cluster = LocalCluster::start(ClusterOptions {
-        verifiers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .unwrap();
+    let cluster = one_verifier().await;
     let addr = cluster.authority.grpc;
     let mut operator = AuthorityClient::new(channel(&cluster.authority.grpc_url()).await.unwrap());
 
@@ -187,28 +193,9 @@ async fn slowloris(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     conns
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_silent_connections_are_closed_and_starve_nothing() {
-    let cluster = LocalCluster::start(ClusterOptions {
-        verifiers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .unwrap();
-    let audience = audience_of(&cluster);
-    let token = cluster.issue("alice", &audience).await.unwrap().token;
+    let (cluster, audience, token) = one_verifier_and_a_token().await;
     let node = &cluster.verifiers[0];
     let conns = slowloris(node.http, 1000).await;
     // And connections to the gRPC port that never send the HTTP/2 preface.
@@ -218,10 +205,13 @@ async fn slowloris_and_silent_connections_are_closed_and_starve_nothing() {
     }
     let opened = Instant::now();
 
-    let readyz = tokio::time::timeout(Duration::from_secs(5), http_get(node.http, "/readyz"))
-        .await
-        .expect("/readyz answers while 1,000 slowloris connections are open");
-    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+    let readyz = tokio::time::timeout(
+        Duration::from_secs(5),
+        keyfleet_testkit::http::get(node.http, "/readyz"),
+    )
+    .await
+    .expect("/readyz answers while 1,000 slowloris connections are open");
+    assert_eq!(readyz.status, 200, "{readyz:?}");
     let mut client = VerifierClient::new(channel(&node.grpc_url()).await.unwrap());
     let answer = tokio::time::timeout(
         Duration::from_secs(5),

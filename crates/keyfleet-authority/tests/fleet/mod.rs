@@ -6,10 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use keyfleet_runtime::tls::{ClientTls, ServerTls};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use keyfleet_testkit::eventually_some;
+use keyfleet_testkit::tls::Pki;
 use tonic::transport::Endpoint;
 
 use super::*;
@@ -37,20 +35,20 @@ async fn retry_open(
     region: &str,
     refused: Code,
 ) -> Watch {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match Watch::try_open(auth, client, node_id, region).await {
-            Ok(watch) => return watch,
-            Err(status) => {
-                assert_eq!(status.code(), refused, "{status:?}");
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "still refused after 10s: {status:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    let what = format!("a stream as {node_id} (refused with {refused:?} until then)");
+    eventually_some(&what, Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            match Watch::try_open(auth, &mut client, node_id, region).await {
+                Ok(watch) => Some(watch),
+                Err(status) => {
+                    assert_eq!(status.code(), refused, "{status:?}");
+                    None
+                }
             }
         }
-    }
+    })
+    .await
 }
 
 fn revoke_token(jti: &str) -> pb::RevokeTokenRequest {
@@ -65,12 +63,11 @@ fn revoke_token(jti: &str) -> pb::RevokeTokenRequest {
 /// 10/s, burst 20) and the operator's revocations were refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_succeed_while_another_peer_guesses() {
-    let dir = tempfile::tempdir().unwrap();
-    let defaults = Config::new(dir.path());
+    let defaults = Config::new(Path::new("unused"));
     assert_eq!(defaults.admin_rate, 10, "the test runs at the shipped rate");
-    let auth = TestAuthority::spawn(Config {
+    let auth = TestAuthority::start_with(|config| Config {
         admin_rate: defaults.admin_rate,
-        ..Config::for_test(dir.path())
+        ..config
     })
     .await;
     let attacker = auth.client().await;
@@ -157,8 +154,7 @@ async fn revocations_succeed_while_another_peer_guesses() {
 /// `RESOURCE_EXHAUSTED`, and neither the right credential nor another peer is affected.
 #[tokio::test]
 async fn failed_credentials_are_limited_per_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut guesser = auth.client().await;
     let mut other = client_from(&auth, OTHER_PEER).await;
     let mut codes = Vec::new();
@@ -185,7 +181,7 @@ async fn failed_credentials_are_limited_per_peer() {
         Code::Unauthenticated,
         "another peer has its own budget"
     );
-    let (_, _, metrics) = http_get(auth.http, "/metrics", "localhost").await;
+    let metrics = auth.get("/metrics").await.body;
     assert!(
         metrics.contains(r#"keyfleet_auth_failures_total{credential="admin",outcome="limited"}"#),
         "{metrics}"
@@ -196,8 +192,7 @@ async fn failed_credentials_are_limited_per_peer() {
 /// `ListKeys` shows the fleet and the schedule: admin credential only (not the fleet's).
 #[tokio::test]
 async fn list_keys_needs_the_admin_credential() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     for request in [
         Request::new(pb::ListKeysRequest {}),
@@ -220,8 +215,7 @@ async fn list_keys_needs_the_admin_credential() {
 /// gate.
 #[tokio::test]
 async fn watch_needs_the_fleet_credential() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     for token in [None, Some("nope"), Some(auth.admin.as_str())] {
         let status = Watch::open_as(&mut client, "node-a", "eu-west", token)
@@ -240,14 +234,10 @@ async fn watch_needs_the_fleet_credential() {
 /// `GetJwks` without the fleet credential is what the HTTP JWKS is: public keys, no deny lists.
 #[tokio::test]
 async fn get_jwks_without_the_fleet_credential_has_no_deny_lists() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     let first = jwks(&mut client).await;
-    client
-        .revoke_key(auth.admin(pb::RevokeKeyRequest {
-            kid: first.active_kid.clone(),
-        }))
+    revoke_key(&auth, &mut client, &first.active_kid)
         .await
         .unwrap();
     client
@@ -283,24 +273,17 @@ async fn get_jwks_without_the_fleet_credential_has_no_deny_lists() {
 /// name is free again (a restarted node gets it back).
 #[tokio::test]
 async fn a_live_node_id_cannot_be_taken_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     let mut real = Watch::open(&auth, &mut client, "node-a").await;
     let version = real.next().await.version;
     real.ack(version).await;
-    let acked = || {
-        let mut client = client.clone();
-        let admin = auth.admin.clone();
-        async move {
-            list(&mut client, &admin)
-                .await
-                .watchers
-                .iter()
-                .any(|w| w.node_id == "node-a" && w.acked_version == version)
-        }
-    };
-    eventually("the real node's ack is recorded", acked).await;
+    auth.until_watchers("the real node's ack is recorded", |watchers| {
+        watchers
+            .iter()
+            .any(|w| w.node_id == "node-a" && w.acked_version == version)
+    })
+    .await;
 
     for token in [None, Some(auth.node.as_str())] {
         let status = Watch::open_as(&mut client, "node-a", "evil", token)
@@ -346,9 +329,7 @@ async fn a_live_node_id_cannot_be_taken_over() {
 /// `--publish-ahead`. Now such a stream is refused and the rotation follows the real fleet.
 #[tokio::test]
 async fn an_unauthenticated_stream_cannot_hold_a_rotation() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual(START);
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
+    let auth = TestAuthority::manual(&Clock::manual(START)).await;
     let mut client = auth.client().await;
     let mut real = Watch::open(&auth, &mut client, "node-a").await;
     let first = real.next().await;
@@ -366,25 +347,12 @@ async fn an_unauthenticated_stream_cannot_hold_a_rotation() {
         .await
         .expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated);
-    eventually("the real node's ack is recorded", || {
-        let mut client = client.clone();
-        let admin = auth.admin.clone();
-        let version = first.version;
-        async move {
-            list(&mut client, &admin)
-                .await
-                .watchers
-                .iter()
-                .all(|w| w.acked_version == version)
-        }
+    auth.until_watchers("the real node's ack is recorded", |watchers| {
+        watchers.iter().all(|w| w.acked_version == first.version)
     })
     .await;
     // The clock stands still: only the fleet's acks can release the next key.
-    let rotated = client
-        .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = auth.rotate(&mut client).await;
     assert!(rotated.activated, "{rotated:?}");
     drop(acks);
     auth.stop().await;
@@ -393,11 +361,10 @@ async fn an_unauthenticated_stream_cannot_hold_a_rotation() {
 /// `--max-watchers` overall and a cap per peer address; a closed stream frees its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_are_capped_overall_and_per_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config {
+    let auth = TestAuthority::start_with(|config| Config {
         max_watchers: 3,
         max_watchers_per_peer: 2,
-        ..Config::for_test(dir.path())
+        ..config
     })
     .await;
     let mut here = auth.client().await;
@@ -428,8 +395,7 @@ async fn watch_streams_are_capped_overall_and_per_peer() {
 /// refused (never cut or stored).
 #[tokio::test]
 async fn hostile_hellos_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let auth = TestAuthority::start().await;
     let mut client = auth.client().await;
     let huge = "x".repeat(64 * 1024);
     let status = Watch::try_open(&auth, &mut client, &huge, "eu")
@@ -484,7 +450,13 @@ fn the_fleet_and_admin_tokens_differ() {
         ..Config::for_test(dir.path())
     };
     let err = Authority::open(same).unwrap_err();
-    assert!(matches!(err, OpenError::SameTokens), "{err}");
+    assert!(
+        matches!(
+            err,
+            OpenError::Config(keyfleet_authority::ConfigError::SameTokenFiles { .. })
+        ),
+        "{err}"
+    );
     assert!(
         !dir.path().join(KEYRING_FILE).exists(),
         "refused before any write"
@@ -500,61 +472,23 @@ fn the_fleet_and_admin_tokens_differ() {
     assert!(matches!(err, OpenError::SameTokens), "{err}");
 }
 
-/// A CA and what it issued, as PEM.
-struct Pki {
-    ca: Vec<u8>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "fleet CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Pki {
-            ca: cert.pem().into_bytes(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf for `names` with `usage`: (certificate PEM, key PEM).
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (Vec<u8>, Vec<u8>) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
-    }
-}
-
 /// With mutual TLS the client certificate names the node: the hello cannot choose (or take
 /// over) another name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_names_the_node_by_its_certificate() {
-    let pki = Pki::new();
-    let (cert, key) = pki.leaf(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    let pki = Pki::new("fleet CA");
+    let (cert, key) = pki.server(&["localhost"]);
     let tls = ServerTls::from_pem(cert, key)
         .unwrap()
         .with_client_ca(pki.ca.clone())
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let auth = TestAuthority::spawn(Config {
+    let auth = TestAuthority::start_with(|config| Config {
         tls: Some(tls),
-        ..Config::for_test(dir.path())
+        ..config
     })
     .await;
     let client_for = |names: &[&str]| {
-        let (cert, key) = pki.leaf(names, ExtendedKeyUsagePurpose::ClientAuth);
+        let (cert, key) = pki.client(names);
         let tls = ClientTls::default()
             .with_ca(pki.ca.clone())
             .unwrap()
@@ -562,9 +496,13 @@ async fn mutual_tls_names_the_node_by_its_certificate() {
             .unwrap();
         let url = format!("https://localhost:{}", auth.grpc.port());
         AuthorityClient::new(
-            keyfleet_runtime::tls::endpoint(&url, &tls)
-                .unwrap()
-                .connect_lazy(),
+            keyfleet_runtime::client::endpoint(
+                &url,
+                &tls,
+                &keyfleet_runtime::client::Settings::COMMAND,
+            )
+            .unwrap()
+            .connect_lazy(),
         )
     };
     let mut node7 = client_for(&["node-7.fleet", "other.fleet"]);

@@ -5,25 +5,12 @@
 //! during the run is never written through, and a leftover is unlinked, not followed.
 //! The tests run as root: files handed to uid 65534 play the other user's.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+
+use keyfleet_testkit::files::{OTHER_UID, UNTOUCHED, as_root, bait, chmod, chown, lchown};
 
 use super::*;
-
-/// `nobody`: another user than the one running the tests.
-const OTHER: u32 = 65534;
-
-fn as_root() -> bool {
-    keyfleet_runtime::secure_fs::euid() == 0
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn chown(path: &Path, uid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
-}
 
 /// `Authority::open` refuses with an `Insecure` error whose message contains `want`, and has
 /// written nothing into `dir`.
@@ -53,14 +40,6 @@ fn listing(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
-/// A file outside the data dir that an attacker would like the authority to write into.
-fn bait() -> (tempfile::TempDir, PathBuf) {
-    let outside = tempfile::tempdir().unwrap();
-    let target = outside.path().join("stolen-seeds");
-    std::fs::write(&target, b"untouched").unwrap();
-    (outside, target)
-}
-
 #[test]
 fn a_data_dir_others_can_write_or_own_is_refused() {
     let root = tempfile::tempdir().unwrap();
@@ -79,7 +58,7 @@ fn a_data_dir_others_can_write_or_own_is_refused() {
     }
     if as_root() {
         chmod(&dir, 0o700);
-        chown(&dir, OTHER);
+        chown(&dir, OTHER_UID);
         refused(
             Config::for_test(&dir),
             &format!(
@@ -95,7 +74,7 @@ fn a_data_dir_others_can_write_or_own_is_refused() {
     // A data dir that does not exist yet is created for this user only.
     let fresh = root.path().join("new/data");
     drop(Authority::open(Config::for_test(&fresh)).unwrap());
-    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(mode(&fresh), 0o700);
 }
 
 #[test]
@@ -118,7 +97,7 @@ fn a_key_ring_open_to_others_foreign_or_linked_is_refused() {
     }
     chmod(&ring, 0o600);
     if as_root() {
-        chown(&ring, OTHER);
+        chown(&ring, OTHER_UID);
         refused(
             Config::for_test(dir.path()),
             &format!("key ring {} is owned by uid 65534", ring.display()),
@@ -180,7 +159,7 @@ fn token_files_short_open_foreign_or_linked_are_refused() {
     );
     chmod(&token, 0o600);
     if as_root() {
-        chown(&token, OTHER);
+        chown(&token, OTHER_UID);
         refused(
             Config::for_test(dir.path()),
             &format!("token file {} is owned by uid 65534", token.display()),
@@ -188,11 +167,10 @@ fn token_files_short_open_foreign_or_linked_are_refused() {
         chown(&token, 0);
         // A link another user planted in place of the token file.
         let (_outside, theirs) = bait();
-        std::fs::write(&theirs, "a".repeat(64)).unwrap();
-        chmod(&theirs, 0o600);
+        write_private(&theirs, "a".repeat(64));
         std::fs::remove_file(&token).unwrap();
         symlink(&theirs, &token).unwrap();
-        std::os::unix::fs::lchown(&token, Some(OTHER), Some(OTHER)).unwrap();
+        lchown(&token, OTHER_UID);
         refused(
             Config::for_test(dir.path()),
             &format!(
@@ -201,8 +179,7 @@ fn token_files_short_open_foreign_or_linked_are_refused() {
             ),
         );
         std::fs::remove_file(&token).unwrap();
-        std::fs::write(&token, &saved).unwrap();
-        chmod(&token, 0o600);
+        write_private(&token, &saved);
     }
     let reopened = Authority::open(Config::for_test(dir.path())).unwrap();
     assert_eq!(reopened.admin_token(), admin);
@@ -225,13 +202,13 @@ fn a_kek_file_must_be_as_private_as_the_ring() {
     chmod(&kek_file, 0o600);
     Kek::from_file(&kek_file).unwrap();
     if as_root() {
-        chown(&kek_file, OTHER);
+        chown(&kek_file, OTHER_UID);
         let err = Kek::from_file(&kek_file).unwrap_err();
         assert!(err.to_string().contains("is owned by uid 65534"), "{err}");
         let link = dir.path().join("kek-link");
         chown(&kek_file, 0);
         symlink(&kek_file, &link).unwrap();
-        std::os::unix::fs::lchown(&link, Some(OTHER), Some(OTHER)).unwrap();
+        lchown(&link, OTHER_UID);
         let err = Kek::from_file(&link).unwrap_err();
         assert!(err.to_string().contains("is a symbolic link"), "{err}");
     }
@@ -247,16 +224,12 @@ async fn a_planted_temporary_link_is_never_written_through() {
     symlink(&target, &planted).unwrap();
     let clock = Clock::manual(START);
     let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
-    assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+    assert_eq!(std::fs::read(&target).unwrap(), UNTOUCHED);
     assert!(
         std::fs::symlink_metadata(&planted).is_err(),
         "the leftover link is unlinked at start"
     );
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        b"untouched",
-        "not followed"
-    );
+    assert_eq!(std::fs::read(&target).unwrap(), UNTOUCHED, "not followed");
     let ring = dir.path().join(KEYRING_FILE);
     assert!(std::fs::symlink_metadata(&ring).unwrap().is_file());
 
@@ -267,10 +240,7 @@ async fn a_planted_temporary_link_is_never_written_through() {
     for round in 0..3 {
         let _ = std::fs::remove_file(&planted);
         symlink(&target, &planted).unwrap();
-        client
-            .rotate_keys(auth.admin(pb::RotateKeysRequest {}))
-            .await
-            .unwrap();
+        auth.rotate(&mut client).await;
         client
             .revoke_token(auth.admin(pb::RevokeTokenRequest {
                 jti: format!("jti-{round}"),
@@ -279,38 +249,45 @@ async fn a_planted_temporary_link_is_never_written_through() {
             .await
             .unwrap();
     }
-    assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+    assert_eq!(std::fs::read(&target).unwrap(), UNTOUCHED);
     let meta = std::fs::symlink_metadata(&ring).unwrap();
     assert!(meta.is_file(), "the ring is a file, not the link");
-    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(mode(&ring), 0o600);
     assert_ne!(
         std::fs::read(&ring).unwrap(),
         before,
         "the changes were written"
     );
     // Only the planted link is left beside the ring and the token files.
-    let strays: Vec<_> = std::fs::read_dir(dir.path())
+    assert_eq!(temporaries(dir.path()), [format!("{KEYRING_FILE}.tmp")]);
+    auth.stop().await;
+}
+
+/// The names of the temporary files in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.contains(".tmp"))
-        .collect();
-    assert_eq!(strays, [format!("{KEYRING_FILE}.tmp")]);
-    auth.stop().await;
+        .collect()
+}
 
-    // A crash's leftovers under the new names go too, at the next start, links unfollowed.
+/// A crash's leftovers under the random temporary names go at the next start, links
+/// unfollowed.
+#[tokio::test]
+async fn a_crash_leftover_is_unlinked_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_outside, target) = bait();
+    drop(Authority::open(Config::for_test(dir.path())).unwrap());
     symlink(
         &target,
         dir.path()
             .join(format!("{KEYRING_FILE}.tmp.00112233aabbccdd")),
     )
     .unwrap();
-    let auth = TestAuthority::spawn(manual_config(dir.path(), &clock, policy())).await;
-    let strays: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.contains(".tmp"))
-        .collect();
+    let auth = TestAuthority::spawn(Config::for_test(dir.path())).await;
+    let strays = temporaries(dir.path());
     assert!(strays.is_empty(), "{strays:?}");
-    assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+    assert_eq!(std::fs::read(&target).unwrap(), UNTOUCHED);
     auth.stop().await;
 }

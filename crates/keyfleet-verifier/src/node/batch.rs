@@ -15,7 +15,8 @@ use keyfleet_core::{KeySet, Policy, Reason, UnixSeconds, Verified, validate_with
 use keyfleet_proto::v1::{VerifyRequest, VerifyResponse};
 use tonic::Status;
 
-use super::{Inflight, Verifier, policy_of, usable};
+use super::Verifier;
+use super::decide::{Inflight, from_proto, policy_of, usable};
 
 /// The most tokens one `VerifyBatch` may carry.
 pub const MAX_BATCH: usize = 1024;
@@ -136,10 +137,10 @@ impl Verifier {
         }
         let metrics = &self.inner.metrics;
         let _inflight = Inflight::enter(metrics);
-        let store = &self.inner.store;
-        let held = usable(store)?;
+        let keys = &self.inner.keys;
+        let held = usable(keys)?;
         let policy = policy_of(&held)?;
-        if store.is_stale() {
+        if keys.is_stale() {
             // The single path answers UNAVAILABLE for each; so does the batch.
             let mut out = Vec::with_capacity(requests.len());
             for r in requests {
@@ -184,7 +185,7 @@ impl Verifier {
         }
         let out: Vec<VerifyResponse> = answers.into_iter().flatten().collect();
         for response in &out {
-            metrics.verified(super::from_proto(response.reason()));
+            metrics.verified(from_proto(response.reason()));
         }
         Ok(out)
     }

@@ -18,41 +18,35 @@ fn aud_token(key: &Key, sub: &str, aud: &[&str]) -> String {
     })
 }
 
-fn somewhere() -> Source {
-    Source::Authority {
-        url: "http://127.0.0.1:1".into(),
-    }
-}
-
 #[test]
 fn a_node_must_choose_an_audience_policy() {
-    let err = Config::new(somewhere()).check().unwrap_err().to_string();
+    let err = Config::new(nowhere()).check().unwrap_err().to_string();
     assert_eq!(
         err,
         "a verifier needs an audience policy: pass --audience NAME (repeatable) for the services it guards, or --any-audience to accept tokens for any audience"
     );
     Config {
         audiences: vec!["orders".into(), "billing".into()],
-        ..Config::new(somewhere())
+        ..Config::new(nowhere())
     }
     .check()
     .unwrap();
     Config {
         any_audience: true,
-        ..Config::new(somewhere())
+        ..Config::new(nowhere())
     }
     .check()
     .unwrap();
     let both = Config {
         audiences: vec!["orders".into()],
         any_audience: true,
-        ..Config::new(somewhere())
+        ..Config::new(nowhere())
     };
     let err = both.check().unwrap_err().to_string();
     assert!(err.contains("--audience and --any-audience"), "{err}");
     let empty = Config {
         audiences: vec!["orders".into(), String::new()],
-        ..Config::new(somewhere())
+        ..Config::new(nowhere())
     };
     assert!(empty.check().is_err());
 }
@@ -61,7 +55,7 @@ fn a_node_must_choose_an_audience_policy() {
 fn node_ids_and_regions_are_a_safe_alphabet() {
     let base = || Config {
         any_audience: true,
-        ..Config::new(somewhere())
+        ..Config::new(nowhere())
     };
     let long_ok = "x".repeat(128);
     for ok in [
@@ -115,21 +109,19 @@ fn node_ids_and_regions_are_a_safe_alphabet() {
 async fn a_token_must_name_one_of_the_node_audiences_in_every_path() {
     let a = key(1);
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-    let guard = spawn_node(Config {
+    let guard = ready_node(Config {
         audiences: vec!["a".into(), "b".into()],
         any_audience: false,
         clock: Clock::manual(NOW),
         ..Config::for_test(authority.source())
     })
     .await;
-    let open = spawn_node(Config {
+    let open = ready_node(Config {
         any_audience: true,
         clock: Clock::manual(NOW),
         ..Config::for_test(authority.source())
     })
     .await;
-    guard.wait_ready().await;
-    open.wait_ready().await;
 
     // (what, token audiences, caller's audience, the guard's verdict, the open node's verdict)
     let cases: [(&str, &[&str], &str, Reason, Reason); 7] = [
@@ -230,24 +222,22 @@ async fn a_token_must_name_one_of_the_node_audiences_in_every_path() {
 async fn a_century_long_token_is_refused_by_default() {
     assert_eq!(DEFAULT_MAX_LIFETIME, Duration::from_secs(DAY as u64));
     assert_eq!(
-        Config::new(somewhere()).max_lifetime,
+        Config::new(nowhere()).max_lifetime,
         Some(DEFAULT_MAX_LIFETIME)
     );
     let a = key(1);
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-    let defaults = spawn_node(Config {
+    let defaults = ready_node(Config {
         clock: Clock::manual(NOW),
         ..Config::for_test(authority.source())
     })
     .await;
-    let uncapped = spawn_node(Config {
+    let uncapped = ready_node(Config {
         max_lifetime: None,
         clock: Clock::manual(NOW),
         ..Config::for_test(authority.source())
     })
     .await;
-    defaults.wait_ready().await;
-    uncapped.wait_ready().await;
     let century = token_as(&a, &a.kid, NOW, |c| c.exp = NOW + 100 * 365 * DAY);
     let a_day = token_as(&a, &a.kid, NOW, |c| c.exp = NOW + DAY);
     let refused = check(&defaults, "century", &century, "", Reason::Malformed).await;
@@ -306,14 +296,13 @@ fn a_kid_from_a_jwks_is_logged_escaped() {
             jwks_json(&[serde_json::to_value(a.jwk()).unwrap(), hostile]),
         )
         .await;
-        let node = spawn_node(Config {
+        let node = ready_node(Config {
             issuer: Some(ISSUER.into()),
             ..Config::for_test(Source::JwksUrl {
                 url: jwks.url.clone(),
             })
         })
         .await;
-        node.wait_ready().await;
         eventually("the screening warning", || async {
             logs.text().contains("left out by screening")
         })

@@ -11,7 +11,7 @@ const CORPUS: &str = include_str!("../../../keyfleet-core/tests/data/hostile_cor
 async fn hostile_corpus_through_a_real_node() {
     let corpus: serde_json::Value = serde_json::from_str(CORPUS).unwrap();
     let jwks = FakeJwks::start(200, corpus["jwks"].as_str().unwrap().to_owned()).await;
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         issuer: Some(corpus["issuer"].as_str().unwrap().to_owned()),
         leeway: Duration::from_secs(corpus["leeway"].as_u64().unwrap()),
         max_token_bytes: corpus["max_token_bytes"].as_u64().unwrap() as usize,
@@ -24,7 +24,6 @@ async fn hostile_corpus_through_a_real_node() {
         })
     })
     .await;
-    node.wait_ready().await;
 
     let cases = corpus["cases"].as_array().unwrap();
     assert!(cases.len() >= 300 + 512, "{} cases", cases.len());
@@ -83,7 +82,7 @@ async fn hostile_corpus_through_a_real_node() {
 async fn megabyte_junk_is_refused_before_decoding() {
     let k = key(1);
     let jwks = FakeJwks::start(200, jwks_json(&[serde_json::to_value(k.jwk()).unwrap()])).await;
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         issuer: Some(ISSUER.into()),
         clock: Clock::manual(NOW),
         ..Config::for_test(Source::JwksUrl {
@@ -91,7 +90,6 @@ async fn megabyte_junk_is_refused_before_decoding() {
         })
     })
     .await;
-    node.wait_ready().await;
     let junk = "A".repeat(1024 * 1024);
     for _ in 0..20 {
         // Over the request-size cap: refused by the transport, never buffered whole or parsed.
@@ -122,8 +120,6 @@ async fn jwks_url_redirects_and_huge_bodies_are_refused() {
     let good_body = jwks_json(&[serde_json::to_value(k.jwk()).unwrap()]);
     // Where a redirect would lead: a perfectly good JWKS that must never be fetched.
     let target = FakeJwks::start(200, good_body.clone()).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let redirect_url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
     let (h, location) = (hits.clone(), target.url.clone());
     let router = axum::Router::new().route(
@@ -134,12 +130,8 @@ async fn jwks_url_redirects_and_huge_bodies_are_refused() {
             async move { (axum::http::StatusCode::FOUND, [("location", location)], "") }
         }),
     );
-    let stop = CancellationToken::new();
-    tokio::spawn(keyfleet_runtime::serve::serve_http(
-        listener,
-        router,
-        stop.clone(),
-    ));
+    let (redirect, _redirecting) = serve::http(router).await;
+    let redirect_url = format!("http://{redirect}/jwks.json");
     // A body one byte over the 1 MiB cap, that would otherwise parse.
     let pad = 1024 * 1024 + 1 - good_body.len() - r#","pad":"""#.len();
     let huge = format!(
@@ -171,5 +163,4 @@ async fn jwks_url_redirects_and_huge_bodies_are_refused() {
         node.stop().await;
     }
     assert_eq!(target.hits(), 0, "the redirect was followed");
-    stop.cancel();
 }

@@ -87,19 +87,13 @@ impl MetricsService for Collector {
 use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as NumberValue;
 
 impl Collector {
-    async fn start() -> (Collector, String, CancellationToken) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+    /// The collector, its URL, and its server (stopped when dropped).
+    async fn start() -> (Collector, String, Task) {
         let collector = Collector::default();
         let routes = Routes::new(TraceServiceServer::new(collector.clone()))
             .add_service(MetricsServiceServer::new(collector.clone()));
-        let shutdown = CancellationToken::new();
-        tokio::spawn(keyfleet_runtime::serve::serve_grpc(
-            listener,
-            routes,
-            shutdown.clone(),
-        ));
-        (collector, url, shutdown)
+        let (addr, task) = serve::grpc(routes).await;
+        (collector, format!("http://{addr}"), task)
     }
 
     fn span_named(&self, name: &str) -> Option<ResourceSpan> {
@@ -133,7 +127,7 @@ fn verify_span_joins_the_callers_trace_and_reaches_the_collector() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let (collector, url, stop_collector) = Collector::start().await;
+        let (collector, url, collector_server) = Collector::start().await;
         let (dispatch, guard) = telemetry::test_dispatch(&Otlp {
             endpoint: Some(url),
             service_name: "keyfleet-verifier-test".into(),
@@ -145,12 +139,11 @@ fn verify_span_joins_the_callers_trace_and_reaches_the_collector() {
 
         let a = key(1);
         let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-        let node = spawn_node(Config {
+        let node = ready_node(Config {
             clock: Clock::manual(NOW),
             ..Config::for_test(authority.source())
         })
         .await;
-        node.wait_ready().await;
 
         // The caller's span, as an instrumented microservice would send it.
         let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -221,7 +214,7 @@ fn verify_span_joins_the_callers_trace_and_reaches_the_collector() {
         tokio::task::spawn_blocking(move || drop(guard))
             .await
             .unwrap();
-        stop_collector.cancel();
+        drop(collector_server);
     });
 }
 
@@ -272,13 +265,12 @@ impl Node {
 async fn cache_entries_zero_checks_every_token() {
     let a = key(1);
     let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-    let node = spawn_node(Config {
+    let node = ready_node(Config {
         cache_entries: 0,
         clock: Clock::manual(NOW),
         ..Config::for_test(authority.source())
     })
     .await;
-    node.wait_ready().await;
     let before = node.scrape().await;
     for what in ["valid", "valid again", "and again"] {
         check(&node, what, &token(&a, NOW), "", Reason::Ok).await;
@@ -292,19 +284,22 @@ async fn cache_entries_zero_checks_every_token() {
     authority.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_verdicts_and_show_freshness() {
-    let (a, stranger) = (key(1), key(9));
-    let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
-    let clock = Clock::manual(NOW);
-    let node = spawn_node(Config {
+/// A node on a manual clock at `NOW` that pulls every 100 ms, following `authority`.
+async fn pulling_node(authority: &FakeAuthority, clock: &Clock) -> Node {
+    ready_node(Config {
         refresh_interval: Duration::from_millis(100),
         unknown_kid_cooldown: Duration::from_secs(3600),
         clock: clock.clone(),
         ..Config::for_test(authority.source())
     })
-    .await;
-    node.wait_ready().await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_verdicts_and_show_freshness() {
+    let (a, stranger) = (key(1), key(9));
+    let authority = FakeAuthority::start(snapshot(1, &[&a])).await;
+    let node = pulling_node(&authority, &Clock::manual(NOW)).await;
 
     let before = node.scrape().await;
     assert_eq!(
@@ -360,8 +355,16 @@ async fn metrics_count_verdicts_and_show_freshness() {
         ),
         1.0
     );
+    node.stop().await;
+    authority.stop().await;
+}
 
-    // The authority goes away: pulls fail, and the key set ages with the clock.
+/// The authority goes away: pulls fail, and the key set ages with the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_key_set_ageing_once_the_authority_is_gone() {
+    let authority = FakeAuthority::start(snapshot(1, &[&key(1)])).await;
+    let clock = Clock::manual(NOW);
+    let node = pulling_node(&authority, &clock).await;
     authority.stop().await;
     eventually("a failed pull", || async {
         node.scrape().await.get(

@@ -5,23 +5,13 @@
 //! node writes its cache 0600 through a fresh temporary file, never through a planted link.
 //! The tests run as root: files handed to uid 65534 play the other user's.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink};
-use std::path::Path;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
 
+use keyfleet_testkit::files::{OTHER_UID, UNTOUCHED, as_root, bait, chown, mode};
 use keyfleet_verifier::{ConfigError, Verifier};
 
 use super::*;
-
-/// `nobody`: another user than the one running the tests.
-const OTHER: u32 = 65534;
-
-fn as_root() -> bool {
-    keyfleet_runtime::secure_fs::euid() == 0
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 fn cache_config(dir: &Path, source: Source) -> Config {
     Config {
@@ -30,16 +20,10 @@ fn cache_config(dir: &Path, source: Source) -> Config {
     }
 }
 
-fn nowhere() -> Source {
-    Source::Authority {
-        url: "http://127.0.0.1:1".into(),
-    }
-}
-
 /// Both gates refuse `config` with a message that contains `want`.
 async fn refused(config: Config, want: &str) {
     let err = config.check().expect_err(want);
-    assert!(matches!(err, ConfigError::InsecureCache(_)), "{err}");
+    assert!(matches!(err, ConfigError::InsecureSavedKeySet(_)), "{err}");
     assert!(err.to_string().contains(want), "{err:?} lacks {want:?}");
     let err = Verifier::open(config).await.expect_err(want);
     assert!(err.to_string().contains(want), "{err:?} lacks {want:?}");
@@ -67,7 +51,7 @@ async fn a_cache_dir_others_can_write_or_own_is_refused() {
     Verifier::open(cache_config(&dir, nowhere())).await.unwrap();
     if as_root() {
         chmod(&dir, 0o700);
-        std::os::unix::fs::chown(&dir, Some(OTHER), Some(OTHER)).unwrap();
+        chown(&dir, OTHER_UID);
         refused(
             cache_config(&dir, nowhere()),
             &format!(
@@ -82,35 +66,39 @@ async fn a_cache_dir_others_can_write_or_own_is_refused() {
     Verifier::open(cache_config(&fresh, nowhere()))
         .await
         .unwrap();
-    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(mode(&fresh), 0o700);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cache_is_written_0600_never_through_a_link_and_a_planted_one_is_refused() {
-    let (a, forger) = (key(1), key(66));
+/// A private cache dir under a fresh root.
+fn private_cache_dir() -> (tempfile::TempDir, PathBuf) {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("cache");
     std::fs::create_dir(&dir).unwrap();
     chmod(&dir, 0o700);
-    let outside = tempfile::tempdir().unwrap();
-    let target = outside.path().join("elsewhere");
-    std::fs::write(&target, b"untouched").unwrap();
+    (root, dir)
+}
+
+/// The version in the cache file at `cache`, once there is one.
+fn cached_version(cache: &Path) -> Option<u64> {
+    std::fs::read(cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["version"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_written_0600_never_through_a_link() {
+    let a = key(1);
+    let (_root, dir) = private_cache_dir();
+    let (_outside, target) = bait();
     // Links planted before the start where older builds wrote their temporary file: removed
     // (not followed) at start.
-    let planted = dir.join(format!("{CACHE_FILE}.tmp"));
+    let planted = dir.join(format!("{SAVED_KEY_SET_FILE}.tmp"));
     symlink(&target, &planted).unwrap();
 
     let authority = FakeAuthority::start(snapshot(7, &[&a])).await;
-    let config = cache_config(&dir, authority.source());
-    let node = spawn_node(config.clone()).await;
-    node.wait_ready().await;
-    let cache = dir.join(CACHE_FILE);
-    let cached_version = |cache: &Path| {
-        std::fs::read(cache)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["version"].as_u64())
-    };
+    let node = ready_node(cache_config(&dir, authority.source())).await;
+    let cache = dir.join(SAVED_KEY_SET_FILE);
     eventually("cache written", || async {
         cached_version(&cache) == Some(7)
     })
@@ -126,15 +114,38 @@ async fn the_cache_is_written_0600_never_through_a_link_and_a_planted_one_is_ref
         cached_version(&cache) == Some(8)
     })
     .await;
-    assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+    assert_eq!(std::fs::read(&target).unwrap(), UNTOUCHED);
     let meta = std::fs::symlink_metadata(&cache).unwrap();
     assert!(meta.is_file());
-    assert_eq!(meta.mode() & 0o777, 0o600, "the cache is private");
+    assert_eq!(mode(&cache), 0o600, "the cache is private");
     node.stop().await;
     authority.stop().await;
+}
 
-    // The authority is down. The attacker's cache: the real record with their key instead.
+/// A cache a node wrote for key `a`, with the authority then gone: the node's config, the
+/// cache file and its bytes.
+async fn a_genuine_cache(a: &Key, dir: &Path) -> (Config, PathBuf, Vec<u8>) {
+    let authority = FakeAuthority::start(snapshot(7, &[a])).await;
+    let config = cache_config(dir, authority.source());
+    let node = ready_node(config.clone()).await;
+    let cache = dir.join(SAVED_KEY_SET_FILE);
+    eventually("cache written", || async {
+        cached_version(&cache) == Some(7)
+    })
+    .await;
+    node.stop().await;
+    authority.stop().await;
     let genuine = std::fs::read(&cache).unwrap();
+    (config, cache, genuine)
+}
+
+/// While the authority is down, an attacker's cache (the real record with their key instead)
+/// is refused when it is open to others, another user's, or a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_cache_is_refused() {
+    let (a, forger) = (key(1), key(66));
+    let (_root, dir) = private_cache_dir();
+    let (config, cache, genuine) = a_genuine_cache(&a, &dir).await;
     let mut forged: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
     forged["keys"] = serde_json::json!([forger.jwk()]);
     let forged = serde_json::to_vec(&forged).unwrap();
@@ -155,22 +166,28 @@ async fn the_cache_is_written_0600_never_through_a_link_and_a_planted_one_is_ref
     // Another user's file.
     if as_root() {
         chmod(&cache, 0o600);
-        std::os::unix::fs::chown(&cache, Some(OTHER), Some(OTHER)).unwrap();
+        chown(&cache, OTHER_UID);
         refused(config.clone(), &cache_msg("is owned by uid 65534")).await;
     }
     // A link to a file that would pass every other check.
     std::fs::remove_file(&cache).unwrap();
     let decoy = dir.join("decoy.json");
-    std::fs::write(&decoy, &forged).unwrap();
-    chmod(&decoy, 0o600);
+    write_private(&decoy, &forged);
     symlink(&decoy, &cache).unwrap();
-    refused(config.clone(), &cache_msg("is a symbolic link")).await;
+    refused(config, &cache_msg("is a symbolic link")).await;
+}
 
-    // The node's own file, put back, is trusted again: the refusals were about who could
-    // have written the file, not about its content.
+/// The node's own file, put back after the refusals, is trusted again: they were about who
+/// could have written the file, not about its content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_own_cache_is_trusted_again() {
+    let a = key(1);
+    let (_root, dir) = private_cache_dir();
+    let (config, cache, genuine) = a_genuine_cache(&a, &dir).await;
+    chmod(&cache, 0o644);
+    refused(config.clone(), "is readable or writable by group or others").await;
     std::fs::remove_file(&cache).unwrap();
-    std::fs::write(&cache, &genuine).unwrap();
-    chmod(&cache, 0o600);
+    write_private(&cache, &genuine);
     config.check().unwrap();
     let node = spawn_node(config).await;
     let now = keyfleet_runtime::clock::system_now();

@@ -5,7 +5,7 @@
 use super::*;
 
 /// `keyfleet <args>` with its open-files limit set to `limit` (soft and hard).
-fn spawn_with_fd_limit(limit: u32, args: &[&str]) -> Server {
+fn spawn_with_fd_limit(limit: u32, args: &[&str]) -> Process {
     let mut command = Command::new("sh");
     command.args([
         "-c",
@@ -17,35 +17,30 @@ fn spawn_with_fd_limit(limit: u32, args: &[&str]) -> Server {
 
 #[test]
 fn idle_http_connections_cannot_starve_grpc_at_a_256_descriptor_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let auth = authority(dir.path());
-    let admin = dir.path().join("admin.token");
-    let jwks = format!("{}/.well-known/jwks.json", auth.http);
+    let fleet = Fleet::start(0);
+    let jwks = format!("{}/.well-known/jwks.json", fleet.auth.http);
     let node = spawn_with_fd_limit(
         256,
-        &[
+        &on_port_0(
             "verifier",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--jwks-url",
-            &jwks,
-            "--issuer",
-            "https://issuer.test",
-            "--any-audience",
-            "--node-id",
-            "fd-limited",
-        ],
+            &[
+                "--jwks-url",
+                &jwks,
+                "--issuer",
+                "https://issuer.test",
+                "--any-audience",
+                "--node-id",
+                "fd-limited",
+            ],
+        ),
     );
-    let token = issue(&auth, &admin);
-    eventually(20, "the node to hold the key set", || {
+    let token = fleet.issue();
+    eventually("the node to hold the key set", SETTLE, || {
         (verify(&node, &token).0 == 0).then_some(())
     });
 
-    let http = node.http.trim_start_matches("http://");
     let idle: Vec<std::net::TcpStream> = (0..300)
-        .map(|_| std::net::TcpStream::connect(http).unwrap())
+        .map(|_| std::net::TcpStream::connect(node.http_addr()).unwrap())
         .collect();
     for _ in 0..3 {
         let (code, verdict) = verify(&node, &token);

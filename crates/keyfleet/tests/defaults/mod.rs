@@ -2,67 +2,35 @@
 //! policy and refuses a bad configuration before it listens; `--audience` is repeatable (and
 //! comma-separated from the environment); `--max-lifetime` is a day unless set to 0.
 
-use std::os::unix::fs::PermissionsExt as _;
+use keyfleet_testkit::files::write_private;
+use keyfleet_testkit::process::exit_of;
 
 use super::*;
 
 /// A fleet credential file, as `--node-token-file` wants it (0600, long enough).
 fn node_token(dir: &Path) -> String {
     let path = dir.join("fleet.token");
-    std::fs::write(&path, format!("{}\n", "k".repeat(48))).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&path, format!("{}\n", "k".repeat(48)));
     path.to_str().unwrap().to_owned()
 }
 
 /// Runs `keyfleet verifier <args>` and waits (bounded) for it to exit: its exit code (`None`
 /// if it was still running and had to be killed) and its stderr.
 fn verifier_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
-        .arg("verifier")
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(args)
-        .args(["--log-format", "json"])
-        .env_remove("RUST_LOG")
+    let mut command = verifier_command(env);
+    command.args(on_port_0("verifier", args));
+    exit_of(command, SETTLE)
+}
+
+/// The binary with no audience policy or lifetime cap from this environment, and `env`.
+fn verifier_command(env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command
         .env_remove("KEYFLEET_AUDIENCE")
         .env_remove("KEYFLEET_ANY_AUDIENCE")
         .env_remove("KEYFLEET_MAX_LIFETIME")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keyfleet");
-    let mut pipe = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
-        text
-    });
-    let status = eventually_or_none(20, || child.try_wait().unwrap());
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    (status.and_then(|s| s.code()), reader.join().unwrap())
-}
-
-/// Polls `f` for at most `secs` seconds; `None` when it never returned Some.
-fn eventually_or_none<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        // A plain thread in a sync test: no runtime to block.
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+        .envs(env.iter().copied());
+    command
 }
 
 /// Environment variables to set.
@@ -143,7 +111,7 @@ fn verifier_refuses_a_bad_config_before_listening() {
 }
 
 /// `token verify` without a caller audience: (exit code, reason).
-fn reason(verifier: &Server, token: &str) -> (Option<i32>, String) {
+fn reason(verifier: &Process, token: &str) -> (Option<i32>, String) {
     let o = keyfleet(
         &["token", "verify", "--verifier", &verifier.grpc, token],
         None,
@@ -162,45 +130,18 @@ fn reason(verifier: &Server, token: &str) -> (Option<i32>, String) {
 fn audience_policy_and_max_lifetime_through_the_binary() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("authority");
-    let auth = spawn(&[
-        "authority",
-        "--grpc-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--issuer",
-        "https://issuer.test",
-        // Lets the authority mint the century-long token a careless issuer might.
-        "--token-ttl",
-        "36500d",
-        "--rotation-period",
-        "3650d",
-    ]);
+    // Lets the authority mint the century-long token a careless issuer might.
+    let auth = authority_with(
+        &data,
+        &["--token-ttl", "36500d", "--rotation-period", "3650d"],
+    );
     let fleet = data.join("node.token");
     let fleet = fleet.to_str().unwrap();
     let admin = data.join("admin.token");
     let node = |extra: &[&str], env: &[(&str, &str)]| {
-        let mut args = vec![
-            "verifier",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--authority",
-            &auth.grpc,
-            "--node-token-file",
-            fleet,
-        ];
+        let mut args = vec!["--authority", &auth.grpc, "--node-token-file", fleet];
         args.extend_from_slice(extra);
-        let mut command = Command::new(BIN);
-        command
-            .env_remove("KEYFLEET_AUDIENCE")
-            .env_remove("KEYFLEET_ANY_AUDIENCE")
-            .env_remove("KEYFLEET_MAX_LIFETIME")
-            .envs(env.iter().copied());
-        spawn_with(command, &args)
+        spawn_with(verifier_command(env), &on_port_0("verifier", &args))
     };
     // Distinct node ids: the authority refuses a second live watcher under one id.
     let guard = node(
@@ -214,30 +155,15 @@ fn audience_policy_and_max_lifetime_through_the_binary() {
     );
 
     let issue = |aud: &str, ttl: &str| {
-        let o = keyfleet(
-            &[
-                "token",
-                "issue",
-                "--authority",
-                &auth.grpc,
-                "--subject",
-                "alice",
-                "--audience",
-                aud,
-                "--ttl",
-                ttl,
-            ],
-            Some(&admin),
-        );
-        assert!(o.status.success(), "token issue: {}", stderr(&o));
-        stdout(&o).trim().to_owned()
+        let args = ["--subject", "alice", "--audience", aud, "--ttl", ttl];
+        minted(&token_issue(&auth.grpc, Some(&admin), &args))
     };
     let for_b = issue("b", "15m");
     let for_c = issue("c", "15m");
     let century = issue("b", "36500d");
 
     for n in [&guard, &from_env, &open] {
-        eventually(20, "a verifier to hold keys", || {
+        eventually("a verifier to hold keys", SETTLE, || {
             (reason(n, &for_b).0 == Some(0)).then_some(())
         });
     }

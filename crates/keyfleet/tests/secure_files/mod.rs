@@ -3,46 +3,34 @@
 //! a key-set cache another user could have planted. The tests run as root: files handed to
 //! uid 65534 play the other user's.
 
-use std::os::unix::fs::{PermissionsExt as _, symlink};
+use std::os::unix::fs::symlink;
+
+use keyfleet_testkit::files::{OTHER_UID, as_root, chmod, chown, write_private};
 
 use super::*;
 
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
 fn authority_once(dir: &Path) -> Output {
     keyfleet(
-        &[
-            "authority",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
+        &on_port_0("authority", &["--data-dir", dir.to_str().unwrap()]),
         None,
     )
 }
 
 fn verifier_once(cache: &Path) -> Output {
     keyfleet(
-        &[
+        &on_port_0(
             "verifier",
-            // A JWKS URL needs no fleet credential: only the cache is under test.
-            "--jwks-url",
-            "http://127.0.0.1:1/jwks.json",
-            "--issuer",
-            "https://issuer.test",
-            "--any-audience",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
+            &[
+                // A JWKS URL needs no fleet credential: only the cache is under test.
+                "--jwks-url",
+                "http://127.0.0.1:1/jwks.json",
+                "--issuer",
+                "https://issuer.test",
+                "--any-audience",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ],
+        ),
         None,
     )
 }
@@ -75,8 +63,7 @@ fn unsafe_key_and_token_files_refuse_the_authority_with_exit_64() {
     // A planted one-character admin token (0600, ours: only its length is wrong).
     chmod(&dir, 0o700);
     let token = dir.join("admin.token");
-    std::fs::write(&token, "x\n").unwrap();
-    chmod(&token, 0o600);
+    write_private(&token, "x\n");
     exits_64(
         &authority_once(&dir),
         &format!(
@@ -92,17 +79,15 @@ fn unsafe_key_and_token_files_refuse_the_authority_with_exit_64() {
     std::fs::write(&kek, "00".repeat(32)).unwrap();
     chmod(&kek, 0o644);
     let o = keyfleet(
-        &[
+        &on_port_0(
             "authority",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--kek-file",
-            kek.to_str().unwrap(),
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
+            &[
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--kek-file",
+                kek.to_str().unwrap(),
+            ],
+        ),
         None,
     );
     exits_64(
@@ -138,9 +123,9 @@ fn a_planted_key_set_cache_refuses_the_verifier_with_exit_64() {
             c = cache.display()
         ),
     );
-    if keyfleet_runtime::secure_fs::euid() == 0 {
+    if as_root() {
         chmod(&cache, 0o600);
-        std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+        chown(&cache, OTHER_UID);
         exits_64(
             &verifier_once(&cache_dir),
             &format!(
@@ -151,8 +136,7 @@ fn a_planted_key_set_cache_refuses_the_verifier_with_exit_64() {
     }
     std::fs::remove_file(&cache).unwrap();
     let elsewhere = root.path().join("forged.json");
-    std::fs::write(&elsewhere, b"{}").unwrap();
-    chmod(&elsewhere, 0o600);
+    write_private(&elsewhere, b"{}");
     symlink(&elsewhere, &cache).unwrap();
     exits_64(
         &verifier_once(&cache_dir),
