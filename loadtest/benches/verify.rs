@@ -1,16 +1,24 @@
 //! Criterion benches of the verify path (`cargo bench -p keyfleet-loadtest`): strict Ed25519
 //! alone, `keyfleet_core::validate`, and a real verifier node in-process — uncached, answered
-//! from the verified-token cache, and through `VerifyBatch`'s batch verification.
+//! from the verified-token cache, through `VerifyBatch`'s batch verification, and single
+//! `verify_token` calls for unique tokens from 1 and from 64 concurrent tasks (`concurrent`:
+//! CPU time, so that adaptive batching of single calls shows as a ratio, 64 vs 1).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::{Signer as _, SigningKey};
 use keyfleet_core::{Jwk, KeySet, Policy, TokenClaims, sign_token, validate};
 use keyfleet_loadtest::cluster::{ClusterOptions, LocalCluster};
+use keyfleet_loadtest::cpu;
 use keyfleet_proto::v1::VerifyRequest;
 
 const BATCH: usize = 64;
+/// Distinct tokens the concurrent bench cycles through: more than the tasks in flight, so
+/// concurrent calls never carry the same token.
+const UNIQUE: usize = 256;
 
 fn claims(i: usize) -> TokenClaims {
     TokenClaims {
@@ -55,14 +63,9 @@ fn pure(c: &mut Criterion) {
     g.finish();
 }
 
-fn node(c: &mut Criterion) {
-    // A real authority and one verifier on loopback; the verifier is then called in-process.
-    let servers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (cluster, tokens) = servers.block_on(async {
+/// A real authority and one verifier on loopback on `servers`, and `n` tokens it minted.
+fn start_node(servers: &tokio::runtime::Runtime, n: usize) -> (LocalCluster, Vec<String>) {
+    servers.block_on(async {
         let cluster = LocalCluster::start(ClusterOptions {
             verifiers: 1,
             audiences: vec!["orders".into()],
@@ -71,7 +74,7 @@ fn node(c: &mut Criterion) {
         .await
         .unwrap();
         let mut tokens = Vec::new();
-        for i in 0..BATCH {
+        for i in 0..n {
             tokens.push(
                 cluster
                     .issue(&format!("u{i}"), "orders")
@@ -81,7 +84,17 @@ fn node(c: &mut Criterion) {
             );
         }
         (cluster, tokens)
-    });
+    })
+}
+
+fn node(c: &mut Criterion) {
+    // A real authority and one verifier on loopback; the verifier is then called in-process.
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (cluster, tokens) = start_node(&servers, BATCH);
     let verifier = cluster.verifiers[0].verifier.clone().unwrap();
     let here = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -128,9 +141,71 @@ fn node(c: &mut Criterion) {
     servers.block_on(cluster.shutdown()).unwrap();
 }
 
+/// Single `Verifier::verify_token` calls (the path a `Verify` RPC takes) for unique tokens, from
+/// N concurrent Tokio tasks (N = 1, 64) on a two-worker runtime like a `--local` node's. Each
+/// task takes the next token and verifies it until the iteration's count is done, so N calls
+/// are always in flight. The cache is off: every call checks its token in full, as for a token
+/// never seen. Timed by the CPU time of every thread of this process (`/proc`), not the wall
+/// clock: with N = 64 two workers would halve wall time without any saving. So
+/// `concurrent/verify_token_unique/64` ÷ `…/1` is what batching concurrent calls saves per
+/// token (1.0: nothing).
+fn concurrent(c: &mut Criterion) {
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (cluster, tokens) = start_node(&servers, UNIQUE);
+    let tokens: Arc<[String]> = tokens.into();
+    let verifier = cluster.verifiers[0].verifier.clone().unwrap();
+    verifier.set_cache_capacity(0);
+    let callers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let mut g = c.benchmark_group("concurrent");
+    g.throughput(Throughput::Elements(1));
+    for tasks in [1usize, 64] {
+        g.bench_with_input(
+            BenchmarkId::new("verify_token_unique", tasks),
+            &tasks,
+            |b, &tasks| {
+                b.iter_custom(|iters| {
+                    let before = cpu::threads_cpu_ns("").unwrap();
+                    callers.block_on(async {
+                        let next = Arc::new(AtomicU64::new(0));
+                        let mut set = tokio::task::JoinSet::new();
+                        for _ in 0..tasks {
+                            let (next, tokens, verifier) =
+                                (next.clone(), tokens.clone(), verifier.clone());
+                            set.spawn(async move {
+                                loop {
+                                    let i = next.fetch_add(1, Ordering::Relaxed);
+                                    if i >= iters {
+                                        break;
+                                    }
+                                    let token = &tokens[i as usize % tokens.len()];
+                                    let answer = verifier.verify_token(token, "orders").await;
+                                    assert!(answer.unwrap().valid);
+                                }
+                            });
+                        }
+                        while set.join_next().await.is_some() {}
+                    });
+                    Duration::from_nanos(cpu::threads_cpu_ns("").unwrap() - before)
+                })
+            },
+        );
+    }
+    g.finish();
+    servers.block_on(cluster.shutdown()).unwrap();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = pure, node
+    targets = pure, node, concurrent
 }
 criterion_main!(benches);

@@ -43,8 +43,8 @@ table{{border-collapse:collapse;font-size:13px}} td{{padding:2px 12px 2px 0}}
     );
     h.push_str(r#"<div class="tiles">"#);
     let spread = format!("{:.1}%", r.tokens_on_multiple_nodes_ratio * 100.0);
-    let eff = r.efficiency.map_or("n/a".to_owned(), |e| format!("{e:.2}"));
-    let tiles: [(&str, String, &str); 9] = [
+    let ratio = |v: Option<f64>| v.map_or("n/a".to_owned(), |e| format!("{e:.2}"));
+    let tiles: [(&str, String, &str); 10] = [
         ("requests", r.requests.to_string(), INK),
         (
             "false rejects",
@@ -73,7 +73,8 @@ table{{border-collapse:collapse;font-size:13px}} td{{padding:2px 12px 2px 0}}
             format!("{} · {}", r.retries, r.errors),
             INK,
         ),
-        ("efficiency", eff, INK),
+        ("efficiency, run's mix", ratio(r.efficiency), INK),
+        ("efficiency, unique tokens", ratio(r.efficiency_unique), INK),
     ];
     for (label, value, c) in tiles {
         let _ = write!(
@@ -113,8 +114,18 @@ table{{border-collapse:collapse;font-size:13px}} td{{padding:2px 12px 2px 0}}
     h.push_str("<h2>Server cost (same run, same machine)</h2><table>");
     let c = &r.cost;
     let f = |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.2} {unit}"));
+    let unique = format!(
+        "{} ({} tokens)",
+        f(c.server_cpu_us_per_verify_unique, "µs"),
+        c.unique_tokens
+    );
     let rows = [
-        ("efficiency (goal ≥ 0.8)", f(r.efficiency, "")),
+        ("efficiency, run's mix (goal ≥ 0.8)", f(r.efficiency, "")),
+        (
+            "efficiency, unique tokens (goal ≥ 1.2)",
+            f(r.efficiency_unique, ""),
+        ),
+        ("curve25519-dalek backend", r.curve_backend.clone()),
         ("server CPU per Verify", f(c.server_cpu_us_per_verify, "µs")),
         ("empty gRPC call (health Check)", f(c.empty_call_us, "µs")),
         (
@@ -127,9 +138,14 @@ table{{border-collapse:collapse;font-size:13px}} td{{padding:2px 12px 2px 0}}
         ),
         ("in-process, cache hit", f(c.inprocess_cache_hit_us, "µs")),
         (
+            "in-process strict Ed25519 verify",
+            f(c.inprocess_strict_verify_us, "µs"),
+        ),
+        (
             "server CPU per Verify, uncached",
             f(c.server_cpu_us_per_verify_uncached, "µs"),
         ),
+        ("server CPU per Verify, unique tokens", unique),
         (
             "server CPU per batched token",
             f(c.server_cpu_us_per_batched_token, "µs"),

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod cpu;
+pub mod curve;
 pub mod engine;
 pub mod html;
 pub mod report;

@@ -281,9 +281,21 @@ async fn local_load_through_rotations_and_kills_meets_the_criteria() {
         ("in-process", report.cost.inprocess_verify_us),
         ("batch ratio", report.cost.batch_ratio),
         ("efficiency", report.efficiency),
+        (
+            "server cpu per unique verify",
+            report.cost.server_cpu_us_per_verify_unique,
+        ),
+        ("strict verify", report.cost.inprocess_strict_verify_us),
+        ("efficiency for unique tokens", report.efficiency_unique),
     ] {
         assert!(v.is_some_and(|v| v > 0.0), "{what} not measured");
     }
+    assert!(report.cost.unique_tokens > 0);
+    assert!(
+        ["avx512ifma", "avx2", "serial", "fiat"].contains(&report.curve_backend.as_str()),
+        "curve backend {:?}",
+        report.curve_backend
+    );
     let cap = report.memory.cache_capacity.unwrap();
     assert!(report.memory.cache_entries.values().all(|n| *n <= cap));
 
@@ -307,6 +319,8 @@ async fn local_load_through_rotations_and_kills_meets_the_criteria() {
         "kills",
         "timeline",
         "efficiency",
+        "efficiency_unique",
+        "curve_backend",
         "memory",
     ] {
         assert!(!v[field].is_null(), "the JSON report lacks {field}");

@@ -51,6 +51,12 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Bound of the verified-token cache, in answers (0 turns it off).
     pub cache_entries: usize,
+    /// `--verify-batch-max`: most concurrent `Verify` calls whose signatures are checked in
+    /// one Ed25519 batch (1 turns the combining off). At most [`crate::MAX_BATCH`].
+    pub verify_batch_max: usize,
+    /// `--verify-batch-window`: longest a batch's leader waits for requests already on their
+    /// way to it (never when none is); zero never waits. At most [`MAX_VERIFY_BATCH_WINDOW`].
+    pub verify_batch_window: Duration,
     pub node_id: String,
     pub region: String,
     /// Tokens longer than this are refused before any parsing.
@@ -83,6 +89,13 @@ pub const DEFAULT_UNKNOWN_KID_COOLDOWN: Duration = Duration::from_secs(5);
 /// `--max-stale`: how long a node keeps verifying from its last good key set while the source
 /// is unreachable, before it answers UNAVAILABLE (fail closed).
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(24 * 60 * 60);
+/// `--verify-batch-max`: concurrent `Verify` calls checked in one Ed25519 batch at most.
+pub const DEFAULT_VERIFY_BATCH_MAX: usize = 64;
+/// `--verify-batch-window`: a leader waits at most this for requests about to join its batch;
+/// a lone request never waits.
+pub const DEFAULT_VERIFY_BATCH_WINDOW: Duration = Duration::from_micros(50);
+/// The largest `--verify-batch-window` accepted: it bounds what a request may wait for others.
+pub const MAX_VERIFY_BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// The node id of [`Config::new`] (the binary names a node `verifier-<grpc port>` instead).
 pub const DEFAULT_NODE_ID: &str = "verifier";
 /// `--region`.
@@ -103,6 +116,8 @@ impl Config {
             max_stale: DEFAULT_MAX_STALE,
             cache_dir: None,
             cache_entries: crate::cache::DEFAULT_CACHE_ENTRIES,
+            verify_batch_max: DEFAULT_VERIFY_BATCH_MAX,
+            verify_batch_window: DEFAULT_VERIFY_BATCH_WINDOW,
             node_id: DEFAULT_NODE_ID.to_owned(),
             region: DEFAULT_REGION.to_owned(),
             max_token_bytes: keyfleet_core::DEFAULT_MAX_TOKEN_BYTES,
@@ -180,6 +195,17 @@ impl Config {
         if self.max_token_bytes == 0 {
             return Err(ConfigError::Zero("max token bytes"));
         }
+        if self.verify_batch_max == 0 {
+            return Err(ConfigError::Zero("--verify-batch-max"));
+        }
+        if self.verify_batch_max > crate::MAX_BATCH {
+            return Err(ConfigError::VerifyBatchTooLarge(self.verify_batch_max));
+        }
+        if self.verify_batch_window > MAX_VERIFY_BATCH_WINDOW {
+            return Err(ConfigError::VerifyBatchWindowTooLong(
+                self.verify_batch_window,
+            ));
+        }
         if let (Source::Authority { .. }, Some(path)) = (&self.source, &self.node_token_file) {
             crate::upstream::load_node_token(path)?;
         }
@@ -225,4 +251,11 @@ pub enum ConfigError {
     InsecureSavedKeySet(#[from] keyfleet_runtime::secure_fs::SecureFsError),
     #[error("{0} may not be zero")]
     Zero(&'static str),
+    #[error("--verify-batch-max {0} is more than {max}", max = crate::MAX_BATCH)]
+    VerifyBatchTooLarge(usize),
+    #[error(
+        "--verify-batch-window {0:?} is longer than {max:?} (it bounds how long a request may wait for others)",
+        max = MAX_VERIFY_BATCH_WINDOW
+    )]
+    VerifyBatchWindowTooLong(Duration),
 }

@@ -11,6 +11,7 @@ use keyfleet_runtime::secure_fs::SecureFsError;
 
 use crate::config::{Config, Source};
 use crate::metrics::{Metrics, Origin};
+use crate::node::Unbatchable;
 use crate::saved::{self, SavedKeySet};
 use crate::upstream::Fetched;
 
@@ -20,6 +21,19 @@ pub(crate) struct Held {
     pub(crate) keys: KeySet,
     /// `None` while no issuer is known (no `--issuer`, and the source named none).
     pub(crate) policy: Option<Policy>,
+    /// Its keys whose signatures are never checked in a batch (`node/signatures.rs`).
+    pub(crate) unbatchable: Unbatchable,
+}
+
+impl Held {
+    pub(crate) fn new(keys: KeySet, policy: Option<Policy>) -> Held {
+        let unbatchable = Unbatchable::of(&keys);
+        Held {
+            keys,
+            policy,
+            unbatchable,
+        }
+    }
 }
 
 /// What happened to a fetched key set.
@@ -178,7 +192,7 @@ impl NodeKeys {
             source = origin.as_str(),
             "key set applied"
         );
-        self.current.store(Some(Arc::new(Held { keys, policy })));
+        self.current.store(Some(Arc::new(Held::new(keys, policy))));
         self.fetched_at.store(fetched_at, Ordering::Release);
         self.metrics.jwks_version.set(version as i64);
         self.ready.send_replace(true);

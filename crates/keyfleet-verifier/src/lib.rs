@@ -3,7 +3,9 @@
 //! from them without ever calling the authority for a known kid.
 //!
 //! Where things are: `node.rs` the handle (open, serve) with `node/decide.rs` (the verify
-//! path), `node/batch.rs` (`VerifyBatch`), `node/refresh.rs` (push, pull, JWKS URL polling),
+//! path), `node/combine.rs` (concurrent `Verify` calls checked as one batch),
+//! `node/signatures.rs` (batched Ed25519 checks that answer as `verify_strict`),
+//! `node/batch.rs` (`VerifyBatch`), `node/refresh.rs` (push, pull, JWKS URL polling),
 //! `node/http.rs` (metrics, healthz, readyz); `keyset.rs` the key set in use; `saved.rs` the
 //! saved key set in `--cache-dir`; `cache.rs` the verified-token cache; `gate.rs` the
 //! unknown-kid refresh gate (cool-down and wait); `upstream.rs` the client to the source;
@@ -21,11 +23,12 @@ mod upstream;
 pub use cache::DEFAULT_CACHE_ENTRIES;
 pub use config::{
     Config, ConfigError, DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, DEFAULT_MAX_STALE, DEFAULT_NODE_ID,
-    DEFAULT_REFRESH_INTERVAL, DEFAULT_REGION, DEFAULT_UNKNOWN_KID_COOLDOWN, Source,
+    DEFAULT_REFRESH_INTERVAL, DEFAULT_REGION, DEFAULT_UNKNOWN_KID_COOLDOWN,
+    DEFAULT_VERIFY_BATCH_MAX, DEFAULT_VERIFY_BATCH_WINDOW, MAX_VERIFY_BATCH_WINDOW, Source,
 };
 pub use keyfleet_runtime::CancellationToken;
 pub use keyfleet_runtime::serve::ServeError;
-pub use node::{MAX_BATCH, OpenError, RunError, Verifier};
+pub use node::{BatchCounts, MAX_BATCH, OpenError, RunError, Verifier};
 pub use saved::SAVED_KEY_SET_FILE;
 pub use upstream::{MIN_NODE_TOKEN_BYTES, NodeTokenError, UpstreamError};
 

@@ -53,6 +53,46 @@ pub(crate) struct Metrics {
     pub(crate) shed: Counter,
     node_info: Family<[(&'static str, String); 2], Gauge>,
     pub(crate) cache: crate::cache::CacheMetrics,
+    pub(crate) batch: BatchMetrics,
+}
+
+/// The combining of concurrent single `Verify` calls (`node/combine.rs`):
+/// `keyfleet_verify_batch_size`, `keyfleet_verify_batch_waits_total`,
+/// `keyfleet_verify_batch_fallbacks_total`. No labels.
+#[derive(Clone)]
+pub(crate) struct BatchMetrics {
+    /// `Verify` calls checked together, once per batch (1: a request checked alone).
+    pub(crate) size: Histogram,
+    /// Batches whose leader waited (yielded) for requests on their way to it.
+    pub(crate) waits: Counter,
+    /// Batches whose batch equation failed, so each signature was checked on its own.
+    pub(crate) fallbacks: Counter,
+}
+
+impl BatchMetrics {
+    pub(crate) fn register(registry: &mut Registry) -> BatchMetrics {
+        let m = BatchMetrics {
+            size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            waits: Counter::default(),
+            fallbacks: Counter::default(),
+        };
+        registry.register(
+            "keyfleet_verify_batch_size",
+            "Verify calls whose signatures were checked together, per batch (1: alone)",
+            m.size.clone(),
+        );
+        registry.register(
+            "keyfleet_verify_batch_waits",
+            "Batches of Verify calls whose leader waited for requests about to join",
+            m.waits.clone(),
+        );
+        registry.register(
+            "keyfleet_verify_batch_fallbacks",
+            "Batches of Verify calls whose batch check failed, so each signature was checked alone",
+            m.fallbacks.clone(),
+        );
+        m
+    }
 }
 
 impl Metrics {
@@ -111,6 +151,7 @@ impl Metrics {
             shed.clone(),
         );
         let cache = crate::cache::CacheMetrics::register(&mut registry);
+        let batch = BatchMetrics::register(&mut registry);
         let node_info = Family::<[(&'static str, String); 2], Gauge>::default();
         registry.register(
             "keyfleet_node_info",
@@ -131,6 +172,7 @@ impl Metrics {
             shed,
             node_info,
             cache,
+            batch,
         }
     }
 

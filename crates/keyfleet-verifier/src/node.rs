@@ -1,5 +1,6 @@
 //! The verifier node's handle: [`Verifier::open`] builds it from a checked [`Config`],
-//! [`Verifier::serve`] runs it. The verify path is in `node/decide.rs` (and `node/batch.rs`),
+//! [`Verifier::serve`] runs it. The verify path is in `node/decide.rs` (with
+//! `node/combine.rs`, `node/signatures.rs`, and `node/batch.rs` for `VerifyBatch`),
 //! the background refreshes in `node/refresh.rs`, the HTTP endpoints in `node/http.rs`.
 
 use std::sync::Arc;
@@ -17,14 +18,19 @@ use crate::config::{Config, ConfigError};
 use crate::gate::Gate;
 use crate::keyset::NodeKeys;
 use crate::metrics::Metrics;
+use crate::node::combine::Combiner;
 use crate::upstream::{Upstream, UpstreamError};
 
 mod batch;
+mod combine;
 mod decide;
 mod http;
 mod refresh;
+mod signatures;
 
 pub use batch::MAX_BATCH;
+pub use combine::BatchCounts;
+pub(crate) use signatures::Unbatchable;
 
 /// The gRPC service name, as health reports it.
 const SERVICE: &str = "keyfleet.v1.Verifier";
@@ -53,6 +59,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The verified-token cache.
     cache: VerifyCache,
+    /// Concurrent `Verify` calls checked in one batch (`node/combine.rs`).
+    combiner: Combiner,
 }
 
 /// Why [`Verifier::open`] refused to build a node.
@@ -99,6 +107,12 @@ impl Verifier {
             .map_err(OpenError::SavedKeySet)?;
         let gate = Gate::new(config.unknown_kid_cooldown);
         let cache = VerifyCache::new(config.cache_entries, metrics.cache.clone());
+        let combiner = Combiner::new(
+            config.verify_batch_max,
+            config.verify_batch_window,
+            combine::leader_seats(),
+            metrics.batch.clone(),
+        );
         Ok(Verifier {
             inner: Arc::new(Inner {
                 config,
@@ -107,6 +121,7 @@ impl Verifier {
                 gate,
                 metrics,
                 cache,
+                combiner,
             }),
         })
     }
@@ -141,6 +156,18 @@ impl Verifier {
     /// (`keyfleet_cache_misses_total`).
     pub fn cache_misses(&self) -> u64 {
         self.inner.metrics.cache.misses.get()
+    }
+
+    /// What the combining of concurrent `Verify` calls into batches has done since this node
+    /// started (`keyfleet_verify_batch_*`), for tests and in-process measurements.
+    pub fn verify_batches(&self) -> BatchCounts {
+        self.inner.combiner.counts()
+    }
+
+    /// Sets `--verify-batch-max` (1 turns the combining off) and `--verify-batch-window` of a
+    /// running node, for in-process measurements.
+    pub fn set_verify_batching(&self, max: usize, window: std::time::Duration) {
+        self.inner.combiner.set(max, window);
     }
 
     /// Serves gRPC on `grpc` and HTTP on `http` and keeps the key set fresh, until `shutdown`

@@ -1005,6 +1005,7 @@ async fn readiness_health_and_metrics() {
     node.stop().await;
 }
 
+mod batching;
 mod defaults;
 mod hostile;
 mod observability;

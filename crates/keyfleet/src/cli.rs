@@ -200,6 +200,14 @@ pub struct VerifierArgs {
     /// 0 turns it off.
     #[arg(long, env = "KEYFLEET_CACHE_ENTRIES", default_value_t = keyfleet_verifier::DEFAULT_CACHE_ENTRIES)]
     pub cache_entries: usize,
+    /// Most concurrent Verify calls whose signatures are checked as one Ed25519 batch (each
+    /// answer stays the one a lone check gives); 1 turns batching off. At most 1024.
+    #[arg(long, env = "KEYFLEET_VERIFY_BATCH_MAX", default_value_t = keyfleet_verifier::DEFAULT_VERIFY_BATCH_MAX)]
+    pub verify_batch_max: usize,
+    /// Longest a batch waits for requests already on their way to it (a lone request never
+    /// waits); 0s never waits. At most 10ms.
+    #[arg(long, env = "KEYFLEET_VERIFY_BATCH_WINDOW", default_value = default_duration(keyfleet_verifier::DEFAULT_VERIFY_BATCH_WINDOW), value_parser = parse_duration)]
+    pub verify_batch_window: Duration,
     /// This node's name, reported to the authority and in every answer. [default: verifier-<grpc port>]
     #[arg(long, env = "KEYFLEET_NODE_ID")]
     pub node_id: Option<String>,
@@ -438,6 +446,7 @@ pub(crate) fn default_duration(d: Duration) -> &'static str {
     let (s, ms) = (d.as_secs(), d.subsec_millis());
     let text = match (s, ms) {
         (_, 1..) => format!("{}ms", d.as_millis()),
+        (0, 0) if d.subsec_micros() > 0 => format!("{}us", d.as_micros()),
         (s, 0) if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
         (s, 0) if s >= 120 && s % 60 == 0 => format!("{}m", s / 60),
         (s, 0) => format!("{s}s"),
@@ -492,6 +501,7 @@ mod tests {
             (Duration::from_secs(15 * 60), "15m"),
             (Duration::from_secs(90), "90s"),
             (Duration::from_millis(1500), "1500ms"),
+            (keyfleet_verifier::DEFAULT_VERIFY_BATCH_WINDOW, "50us"),
         ] {
             assert_eq!(default_duration(d), text);
             assert_eq!(parse_duration(text), Ok(d));

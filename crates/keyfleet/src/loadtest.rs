@@ -84,7 +84,7 @@ pub struct LoadtestArgs {
     /// With --local: the verifiers' verified-token cache bound (0 turns it off).
     #[arg(long, env = "KEYFLEET_CACHE_ENTRIES")]
     pub cache_entries: Option<usize>,
-    /// Skip the server-cost measurements after the load (efficiency, batch ratio).
+    /// Skip the server-cost measurements after the load (efficiency, efficiency_unique, batch ratio).
     #[arg(long, env = "KEYFLEET_NO_COST")]
     pub no_cost: bool,
     /// Write the JSON report here.

@@ -96,6 +96,8 @@ pub async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
     config.max_stale = args.max_stale;
     config.cache_dir = args.cache_dir;
     config.cache_entries = args.cache_entries;
+    config.verify_batch_max = args.verify_batch_max;
+    config.verify_batch_window = args.verify_batch_window;
     config.node_id = args
         .node_id
         .unwrap_or_else(|| format!("verifier-{}", args.grpc_listen.port()));

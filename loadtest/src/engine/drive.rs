@@ -116,7 +116,7 @@ pub(super) async fn drive(
             memory.cache_capacity = Some(cap as u64);
         }
         if options.measure_cost {
-            cost::measure_cost(&shared, options, &verifiers, &mut cost).await;
+            cost::measure_cost(&shared, options, &verifiers, &authority, &mut cost).await;
         }
     }
     memory.rss_bytes_end = cpu::rss_bytes().unwrap_or(0);
@@ -134,12 +134,22 @@ pub(super) async fn drive(
         (Some(i), Some(e), Some(s)) if s > 0.0 => Some((i + e) / s),
         _ => None,
     };
+    // The same for a token's first check, against a bare signature check (issue 14's measure).
+    let efficiency_unique = match (
+        cost.inprocess_strict_verify_us,
+        cost.empty_call_us,
+        cost.server_cpu_us_per_verify_unique,
+    ) {
+        (Some(i), Some(e), Some(s)) if s > 0.0 => Some((i + e) / s),
+        _ => None,
+    };
 
     Ok(totals.into_report(RunFacts {
         target,
         load: options.load,
         elapsed,
         efficiency,
+        efficiency_unique,
         cost,
         memory,
         events: shared.take_events(),

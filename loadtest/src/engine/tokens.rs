@@ -94,6 +94,33 @@ pub(super) async fn fill(
     Ok(expiring)
 }
 
+/// `n` legitimate tokens no node has seen yet, for the cost phase of unique tokens (after the
+/// load, so the minting costs the run nothing); fewer if the authority stops answering.
+pub(super) async fn mint_unique(authority: &AdminClient, audience: &str, n: usize) -> Vec<String> {
+    let mut tokens = Vec::with_capacity(n);
+    let mut batch = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let request = minted(format!("unique-{i}"), audience, 0);
+        let authority = authority.clone();
+        batch.spawn(async move { mint(&authority, request).await });
+        if batch.len() >= UNIQUE_MINTS_IN_FLIGHT {
+            match batch.join_next().await {
+                Some(Ok(Ok(t))) => tokens.push(t.token),
+                _ => break,
+            }
+        }
+    }
+    while let Some(r) = batch.join_next().await {
+        if let Ok(Ok(t)) = r {
+            tokens.push(t.token);
+        }
+    }
+    tokens
+}
+
+/// Mints in flight while filling the unique-token phase (many tokens, the load is over).
+const UNIQUE_MINTS_IN_FLIGHT: usize = 32;
+
 /// A token for `subject` and `audience`, living `ttl_seconds` (0: the authority's default).
 fn minted(subject: String, audience: &str, ttl_seconds: i64) -> IssueTokenRequest {
     IssueTokenRequest {

@@ -1,126 +1,82 @@
 //! `VerifyBatch`: many tokens in one call, their signatures checked together with Ed25519
-//! batch verification, each answer equal to the one `Verify` gives.
+//! batch verification, each answer equal to the one `Verify` gives; and [`validate_all`], the
+//! same for any list of tokens (the combined single `Verify` calls of `combine.rs` use it too).
 //!
 //! Every token goes through [`validate_with`] twice at most: once to reach its signature (the
 //! check is deferred, so no claim is parsed before the signature is known good), then, once
-//! the batch says the signatures hold, again with the answer. When a batch fails, each
-//! signature is checked on its own with strict verification, so one forged token costs the
-//! others nothing but time. Keys are screened with `is_weak` when a key set is built; what
-//! `verify_strict` also refuses and batch verification would not (a small-order or
-//! non-canonical `R`) is screened here, before the batch.
+//! the signatures are known good, again with the answer. How the signatures are checked
+//! together, and screened so that each answer is the one `verify_strict` gives, is
+//! `signatures.rs`.
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::Signature;
 use keyfleet_core::token::Refusal;
-use keyfleet_core::{KeySet, Policy, Reason, UnixSeconds, Verified, validate_with};
+use keyfleet_core::{Policy, Reason, UnixSeconds, Verified, validate_with};
 use keyfleet_proto::v1::{VerifyRequest, VerifyResponse};
 use tonic::Status;
 
 use super::Verifier;
 use super::decide::{Inflight, from_proto, policy_of, usable};
+use super::signatures::{Signed, check_all};
+use crate::keyset::Held;
 
 /// The most tokens one `VerifyBatch` may carry.
 pub const MAX_BATCH: usize = 1024;
 
-/// One signature waiting for the batch.
-struct Pending<'t> {
-    index: usize,
-    key: VerifyingKey,
-    message: &'t [u8],
-    signature: Signature,
+/// What [`validate_all`] found.
+pub(crate) struct Validated {
+    /// One verdict per token, in order.
+    pub(crate) verdicts: Vec<Result<Verified, Refusal>>,
+    /// True when the batch equation failed and each signature was checked on its own.
+    pub(crate) fell_back: bool,
 }
 
-/// Validates every `(token, audience)` as [`keyfleet_core::validate`] would, with one batch
-/// signature verification for all of them.
+/// Validates every `(token, audience)` as [`keyfleet_core::validate`] would against
+/// `held.keys`, with one batch signature verification for all of them (see `signatures.rs`).
 pub(crate) fn validate_all(
     items: &[(&str, Option<&str>)],
-    keys: &KeySet,
+    held: &Held,
     now: UnixSeconds,
     policy: &Policy,
-) -> Vec<Result<Verified, Refusal>> {
+) -> Validated {
+    let keys = &held.keys;
     let mut verdicts = Vec::with_capacity(items.len());
-    let mut pending: Vec<Pending<'_>> = Vec::new();
+    let mut reached = Vec::new();
+    let mut signed = Vec::new();
     for (index, &(token, audience)) in items.iter().enumerate() {
-        let mut reached = None;
+        let mut found = None;
         // The deferred check answers "bad signature" for now; the batch decides below.
         let verdict = validate_with(token, keys, now, policy, audience, |key, message, sig| {
-            reached = <[u8; 64]>::try_from(sig)
-                .ok()
-                .map(|sig| (*key, message, Signature::from_bytes(&sig)));
+            found = <[u8; 64]>::try_from(sig).ok().map(|sig| Signed {
+                key: *key,
+                message,
+                signature: Signature::from_bytes(&sig),
+            });
             false
         });
-        if let Some((key, message, signature)) = reached
-            && plausible(&signature)
-        {
-            pending.push(Pending {
-                index,
-                key,
-                message,
-                signature,
-            });
+        if let Some(s) = found {
+            reached.push(index);
+            signed.push(s);
         }
         verdicts.push(verdict);
     }
-    if pending.is_empty() {
-        return verdicts;
+    if signed.is_empty() {
+        return Validated {
+            verdicts,
+            fell_back: false,
+        };
     }
-    let all_good = {
-        let messages: Vec<&[u8]> = pending.iter().map(|p| p.message).collect();
-        let signatures: Vec<Signature> = pending.iter().map(|p| p.signature).collect();
-        let keys: Vec<VerifyingKey> = pending.iter().map(|p| p.key).collect();
-        ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
-    };
-    for p in pending {
-        let good = all_good || p.key.verify_strict(p.message, &p.signature).is_ok();
+    let checked = check_all(&signed, &held.unbatchable);
+    for (index, good) in reached.into_iter().zip(checked.good) {
         if good {
-            let (token, audience) = items[p.index];
-            verdicts[p.index] = validate_with(token, keys, now, policy, audience, |_, _, _| true);
+            let (token, audience) = items[index];
+            verdicts[index] = validate_with(token, keys, now, policy, audience, |_, _, _| true);
         }
     }
-    verdicts
+    Validated {
+        verdicts,
+        fell_back: checked.fell_back,
+    }
 }
-
-/// False for a signature `verify_strict` refuses whatever the key and message: `S` not
-/// canonical, `R` not a canonical encoding, or `R` of small order. Batch verification checks
-/// only the first, so the other two are screened here (libsodium's blocklist, sign bit ignored).
-fn plausible(signature: &Signature) -> bool {
-    let r = signature.r_bytes();
-    let mut y = *r;
-    y[31] &= 0x7f;
-    // y >= p = 2^255 - 19 is a non-canonical encoding.
-    let non_canonical = y[31] == 0x7f && y[1..31].iter().all(|b| *b == 0xff) && y[0] >= 0xed;
-    let small_order = SMALL_ORDER_Y.contains(&y);
-    // A canonical `S` is below the group order; a set top bit is never canonical.
-    let s_plausible = signature.s_bytes()[31] & 0xe0 == 0;
-    !non_canonical && !small_order && s_plausible
-}
-
-/// The `y` coordinates (sign bit cleared) of the eight small-order points.
-const SMALL_ORDER_Y: [[u8; 32]; 5] = [
-    // y = 0: the two points of order 4.
-    [0; 32],
-    // y = 1: the identity.
-    [
-        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        0, 0,
-    ],
-    // y = p - 1: the point of order 2.
-    [
-        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xff, 0x7f,
-    ],
-    // The four points of order 8.
-    [
-        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
-        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
-        0xfc, 0x05,
-    ],
-    [
-        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
-        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
-        0x03, 0x7a,
-    ],
-];
 
 impl Verifier {
     /// Answers many `Verify` requests in one go, in order. Each answer equals the one
@@ -164,7 +120,7 @@ impl Verifier {
                 }
             }
         }
-        let verdicts = validate_all(&items, &held.keys, now, policy);
+        let verdicts = validate_all(&items, &held, now, policy).verdicts;
         for ((i, key), verdict) in misses.into_iter().zip(verdicts) {
             let unknown_kid = matches!(
                 &verdict,
@@ -195,26 +151,7 @@ impl Verifier {
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
-    use keyfleet_core::{Jwk, TokenClaims, sign_token, validate};
-
-    #[test]
-    fn blocklisted_r_values_are_exactly_the_weak_points() {
-        for y in SMALL_ORDER_Y {
-            for sign in [0u8, 0x80] {
-                let mut r = y;
-                r[31] |= sign;
-                // Either no point at all, or a small-order one.
-                if let Ok(k) = VerifyingKey::from_bytes(&r) {
-                    assert!(k.is_weak(), "{r:?}");
-                }
-            }
-        }
-        let key = SigningKey::from_bytes(&[9; 32]);
-        for i in 0..64u8 {
-            let sig = ed25519_dalek::Signer::sign(&key, &[i]);
-            assert!(plausible(&sig));
-        }
-    }
+    use keyfleet_core::{Jwk, KeySet, TokenClaims, sign_token, validate};
 
     fn claims(sub: &str, aud: &str, exp: i64) -> TokenClaims {
         TokenClaims {
@@ -247,6 +184,8 @@ mod tests {
             ["k3".to_owned()],
             [("jti-denied".to_owned(), 5_000)],
         );
+        let held = Held::new(keys, None);
+        let keys = &held.keys;
         let any_audience = Policy::new("https://issuer.test");
         // A node guarding two audiences, one of which the tokens below name.
         let guarding = Policy {
@@ -322,11 +261,11 @@ mod tests {
             let items: Vec<(&str, Option<&str>)> =
                 set.iter().map(|(t, a)| (t.as_str(), *a)).collect();
             for policy in [&any_audience, &guarding, &only_billing] {
-                let batch = validate_all(&items, &keys, now, policy);
+                let batch = validate_all(&items, &held, now, policy).verdicts;
                 for ((token, audience), got) in set.iter().zip(batch) {
                     assert_eq!(
                         got,
-                        validate(token, &keys, now, policy, *audience),
+                        validate(token, keys, now, policy, *audience),
                         "{token}"
                     );
                 }
@@ -341,7 +280,8 @@ mod tests {
         let items: Vec<(&str, Option<&str>)> =
             mixed.iter().map(|(t, a)| (t.as_str(), *a)).collect();
         let ok = |policy| {
-            validate_all(&items, &keys, now, policy)
+            validate_all(&items, &held, now, policy)
+                .verdicts
                 .iter()
                 .filter(|v| v.is_ok())
                 .count()

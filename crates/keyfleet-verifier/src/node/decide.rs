@@ -1,5 +1,6 @@
-//! The `Verify` path: the key set in use, the verified-token cache, `validate`, and on an
-//! unknown kid the coalesced refresh behind the gate; then the answer in proto form.
+//! The `Verify` path: the key set in use, the verified-token cache, `validate` (through the
+//! combiner of `combine.rs`, which checks concurrent requests in one batch), and on an unknown
+//! kid the coalesced refresh behind the gate; then the answer in proto form.
 
 use std::sync::Arc;
 
@@ -42,6 +43,8 @@ impl Verifier {
         token: &str,
         audience: &str,
     ) -> Result<VerifyResponse, Status> {
+        // Counted from here until it reaches the combiner, so a batch leader can wait for it.
+        let approach = self.inner.combiner.approach();
         let keys = &self.inner.keys;
         let held = usable(keys)?;
         let policy = policy_of(&held)?;
@@ -60,7 +63,10 @@ impl Verifier {
         if let Some(hit) = self.inner.cache.get(cache_key.as_ref(), &held, policy, now) {
             return Ok(hit);
         }
-        let verdict = validate(token, &held.keys, now, policy, audience);
+        // Checked together with the other requests in flight (`combine.rs`): same verdict.
+        let verdict = (self.inner.combiner)
+            .validate(approach, token, audience, &held, now)
+            .await;
         let kid = match &verdict {
             Err(Refusal {
                 reason: Reason::UnknownKid,
