@@ -2,24 +2,30 @@
 # End-to-end test of the two-region compose cluster, for real, on this machine's Docker engine.
 #
 # Builds the image (deploy/build-image.sh), brings deploy/compose up under a unique project
-# name, and runs `keyfleet loadtest` against every verifier of both regions for about 60 s
-# while it:
-#   t≈6s   rotates the keys (1st rotation)
+# name (authority -> relay-a, relay-b -> two verifiers each), and runs `keyfleet loadtest`
+# against every verifier of both regions for about 60 s while it:
+#   t≈6s   rotates the keys (1st rotation; the gate waits for the nodes behind the relays)
 #   t≈12s  docker-kills verifier-a2, starts it again at t≈18s
-#   t≈22s  cuts region b off the authority (verifier-b* leave the interregion network) for 20 s;
-#          the loadtest still reaches them over region-b
+#   t≈22s  cuts region b off the authority for 20 s: relay-b, region b's only link, leaves the
+#          interregion network; verifier-b* stay connected to relay-b, which keeps serving its
+#          last state, and the loadtest still reaches them over region-b
 #   t≈30s  rotates the keys again, while region b is cut off
 #   t≈48s  restarts the authority
-# A probe runs beside the loadtest: every ~2 s it verifies, on every running verifier, a token
-# minted once before the chaos, a token minted just now, and a forged token.
+# A probe runs beside the loadtest: every ~2 s it verifies, on every running node (relays
+# included: they are full verifiers), a token minted once before the chaos, a token minted
+# just now, and a forged token.
 #
 # Pass: the loadtest exits 0 with zero false rejects and zero false accepts, every verifier
 # served requests, both regions served requests, tokens were verified on several nodes (and
-# in both regions when the report says so); the probe saw no wrong verdict; the token minted
-# before the chaos still verifies on every node of both regions after it; both rotations
-# changed the signing key. The JSON (and HTML) report, a summary and the containers' logs are
-# copied to deploy/compose/artifacts/. Everything is torn down (containers, networks, volumes),
-# also on failure or Ctrl-C.
+# in both regions when the report says so); the probe saw no wrong verdict; region b's
+# verifiers cannot reach the authority except through relay-b, and verify while it is cut off;
+# `keys list` shows every verifier connected through its region's relay (`via`) before and
+# after the chaos, and every node holding the authority's newest version after it; the token
+# minted before the chaos, and one of the newest key, verify on every node of both regions
+# after it; both rotations changed the signing key. The JSON (and HTML) report, a summary, the
+# fleet as `keys list --json` saw it and the containers' logs are copied to
+# deploy/compose/artifacts/. Everything is torn down (containers, networks, volumes), also on
+# failure or Ctrl-C.
 #
 # Environment: KEYFLEET_E2E_SKIP_BUILD=1 (reuse $KEYFLEET_IMAGE), KEYFLEET_IMAGE (default
 # keyfleet:local), KEYFLEET_E2E_DURATION (default 60), KEYFLEET_E2E_RATE (requests/s, default
@@ -68,8 +74,14 @@ export KEYFLEET_LOADTEST_DURATION=${duration}s KEYFLEET_LOADTEST_RATE=$rate
 export COMPOSE_PROJECT_NAME=$project
 compose() { (cd "$here" && "${compose_cmd[@]}" -p "$project" -f "$here/compose.yaml" "$@"); }
 
+# The loadtest's targets (what clients call) ...
 verifiers=(verifier-a1 verifier-a2 verifier-b1 verifier-b2)
-region_b=(verifier-b1 verifier-b2)
+# ... the relays, each region's one stream to the authority (and full verifiers too) ...
+relays=(relay-a relay-b)
+# ... every node, and which relay each verifier follows.
+nodes=("${relays[@]}" "${verifiers[@]}")
+declare -A relay_of=([verifier-a1]=relay-a [verifier-a2]=relay-a [verifier-b1]=relay-b [verifier-b2]=relay-b)
+region_b=(relay-b verifier-b1 verifier-b2)
 declare -A cid
 
 # --- teardown, always ---------------------------------------------------------------------------
@@ -125,7 +137,7 @@ fi
 say "starting project $project (${compose_cmd[*]})"
 compose up -d >"$work/up.log" 2>&1 || { cat "$work/up.log"; die "compose up failed"; }
 
-for s in authority "${verifiers[@]}"; do
+for s in authority "${nodes[@]}"; do
     cid[$s]=$(compose ps -q "$s")
     [[ -n ${cid[$s]} ]] || die "no container for $s"
 done
@@ -140,8 +152,8 @@ wait_healthy() {
         sleep 1
     done
 }
-for s in authority "${verifiers[@]}"; do wait_healthy "$s" 120; done
-say "authority and ${#verifiers[@]} verifiers healthy (gRPC health)"
+for s in authority "${nodes[@]}"; do wait_healthy "$s" 120; done
+say "authority, ${#relays[@]} relays and ${#verifiers[@]} verifiers healthy (gRPC health)"
 
 # Admin and client calls run the image's own binary inside the containers (no shell there).
 kf_exec() { local service=$1; shift; docker exec "${cid[$service]}" /keyfleet "$@"; }
@@ -156,12 +168,73 @@ rotate() {
     timeout 120 docker exec "${cid[authority]}" /keyfleet keys rotate "${admin[@]}" --timeout 100s >/dev/null \
         || die "keys rotate failed"
 }
+# Exit 0 when `service` reaches the authority's gRPC health service.
+reaches_authority() { timeout 20 docker exec "${cid[$1]}" /keyfleet health --grpc http://authority:7000 >/dev/null 2>&1; }
+
+# The fleet as the authority sees it (`keys list --json`, saved as artifacts/e2e-fleet-<label>.json):
+# every relay and verifier listed and connected, each verifier through its region's relay
+# (WatcherInfo.via), each relay directly; with `caught-up`, every one of them holding the
+# authority's newest version. Prints what is not so yet (nothing when all is).
+fleet_problems() {
+    local label=$1 mode=${2:-connected} spec='' s
+    for s in "${relays[@]}"; do spec+="$s= "; done
+    for s in "${verifiers[@]}"; do spec+="$s=${relay_of[$s]} "; done
+    kf_exec authority keys list "${admin[@]}" --json >"$work/fleet.json" 2>"$work/fleet.err" \
+        || { echo "keys list failed: $(head -c 300 "$work/fleet.err")"; return; }
+    cp "$work/fleet.json" "$artifacts/e2e-fleet-$label.json"
+    python3 - "$work/fleet.json" "$mode" "$work/fleet.novia" $spec <<'PY' || echo "cannot read keys list --json: $(head -c 200 "$work/fleet.json")"
+import json, sys
+listing = json.load(open(sys.argv[1]))
+mode, novia = sys.argv[2], sys.argv[3]
+watchers = {w.get("node_id"): w for w in listing.get("watchers", [])}
+version = listing.get("version", 0)
+bad = []
+for item in sys.argv[4:]:
+    node, via = item.split("=", 1)
+    w = watchers.get(node)
+    if w is None:
+        bad.append(f"{node} is not listed (watchers: {sorted(watchers)})")
+        continue
+    if not w.get("connected"):
+        bad.append(f"{node} is not connected")
+    if "via" in w:
+        if (w.get("via") or "") != via:
+            bad.append(f"{node} is listed via {w.get('via')!r}, expected {via or 'the authority directly'!r}")
+    else:
+        open(novia, "w").write("keys list --json has no 'via' field\n")
+    if mode == "caught-up" and w.get("acked_version", 0) < version:
+        bad.append(f"{node} holds v{w.get('acked_version')}, the authority is at v{version}")
+print("\n".join(bad))
+PY
+}
+# Waits (up to `seconds`) until fleet_problems has nothing to say.
+wait_fleet() {
+    local label=$1 mode=$2 seconds=$3 deadline problems
+    deadline=$((SECONDS + seconds))
+    while :; do
+        problems=$(fleet_problems "$label" "$mode")
+        [[ -z $problems ]] && break
+        ((SECONDS < deadline)) || die "keys list ($label): $(echo "$problems" | head -4 | tr '\n' ';')"
+        sleep 1
+    done
+    if [[ -e $work/fleet.novia ]]; then
+        say "WARNING: keys list --json shows no 'via' yet: checked that every node is listed and connected, not through which relay"
+    fi
+}
+
+# --- the layout: region b reaches the authority only through relay-b; keys list shows who follows whom
+for s in verifier-b1 verifier-b2; do
+    ! reaches_authority "$s" || die "$s reaches the authority directly (it must only see relay-b)"
+done
+reaches_authority relay-b || die "relay-b does not reach the authority over interregion"
+wait_fleet start connected 60
+say "keys list: relays connected directly, verifier-a* via relay-a, verifier-b* via relay-b"
 
 # --- before the chaos: one token, verified on every node of both regions --------------------------
 token0=$(mint before-chaos) || die "cannot mint a token"
-for s in "${verifiers[@]}"; do verify_on "$s" "$token0" || die "$s refused a fresh token"; done
+for s in "${nodes[@]}"; do verify_on "$s" "$token0" || die "$s refused a fresh token"; done
 kid0=$(active_kid)
-say "token minted once (kid ${kid0:0:8}…) verified on ${verifiers[*]}"
+say "token minted once (kid ${kid0:0:8}…) verified on ${nodes[*]}"
 
 # --- the probe: verdicts on every running verifier every ~2 s ------------------------------------
 probe() {
@@ -174,7 +247,7 @@ probe() {
     while [[ ! -e $work/probe.stop ]]; do
         round=$((round + 1))
         tok=$(mint "probe-$round" 2>/dev/null) || tok=''
-        for s in "${verifiers[@]}"; do
+        for s in "${nodes[@]}"; do
             [[ $(docker inspect -f '{{.State.Running}}' "${cid[$s]}" 2>/dev/null) == true ]] || { echo "down $s"; continue; }
             for t in "$token0" $tok; do
                 rc=0; verify_on "$s" "$t" || rc=$?
@@ -223,13 +296,12 @@ say "docker start verifier-a2"
 docker start "${cid[verifier-a2]}" >/dev/null
 
 at 22
-interregion=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "${cid[verifier-b1]}" | tr ' ' '\n' | grep 'interregion$' || true)
-[[ -n $interregion ]] || die "verifier-b1 is not on the interregion network"
-say "cutting region b off the authority ($interregion) for 20s"
-for s in "${region_b[@]}"; do docker network disconnect "$interregion" "${cid[$s]}"; done
-if kf_exec verifier-b1 health --grpc http://authority:7000 >/dev/null 2>&1; then
-    die "verifier-b1 still reaches the authority after the cut"
-fi
+interregion=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "${cid[relay-b]}" | tr ' ' '\n' | grep 'interregion$' || true)
+[[ -n $interregion ]] || die "relay-b is not on the interregion network"
+say "cutting region b off the authority (relay-b leaves $interregion) for 20s"
+docker network disconnect "$interregion" "${cid[relay-b]}"
+# (verifier-b* never could: checked at the start.)
+! reaches_authority relay-b || die "relay-b still reaches the authority after the cut"
 say "region b cannot reach the authority"
 
 at 30
@@ -238,13 +310,24 @@ rotate
 kid2=$(active_kid)
 [[ $kid2 != "$kid1" && $kid2 != "$kid0" ]] || die "rotation 2 did not change the active key"
 say "rotation 2 done: active key ${kid2:0:8}…"
+# Region b still answers from relay-b's last state: the first token, and one of the new active
+# key (published a whole rotation ahead, so relay-b passed it on before the cut).
+token2=$(mint during-cut) || die "cannot mint during the cut"
 for s in "${region_b[@]}"; do
     verify_on "$s" "$token0" || die "$s refused the first token while cut off"
+    verify_on "$s" "$token2" || die "$s refused a token of the new key ${kid2:0:8}… while cut off"
 done
+fleet_problems cut connected >/dev/null
+say "region b verifies while cut off (tokens of ${kid0:0:8}… and ${kid2:0:8}…)"
 
 at 42
-say "reconnecting region b"
-for s in "${region_b[@]}"; do docker network connect --alias "$s" "$interregion" "${cid[$s]}"; done
+say "reconnecting region b (relay-b rejoins $interregion)"
+docker network connect --alias relay-b "$interregion" "${cid[relay-b]}"
+
+at 47
+# For the record only (relay-b's reconnect backoff decides when): the check that counts is at the end.
+lag=$(fleet_problems reconnect caught-up)
+say "5s after the reconnect: $([[ -z $lag ]] && echo "every node holds the authority's newest version" || echo "not caught up yet: $(echo "$lag" | head -2 | tr '\n' ';')")"
 
 at 48
 say "restarting the authority"
@@ -267,13 +350,18 @@ wait "$probe_pid" || true
 probe_pid=''
 cp "$work/probe.log" "$artifacts/e2e-probe.log"
 
-for s in "${verifiers[@]}"; do wait_healthy "$s" 60; done
+for s in "${nodes[@]}"; do wait_healthy "$s" 60; done
+# Every node reconnected (the verifiers through their relays) and holds the newest version.
+wait_fleet end caught-up 90
+say "keys list: every node connected through its relay again and holding the authority's newest version"
+kf_exec authority keys list "${admin[@]}" >"$artifacts/e2e-keys-list.txt" 2>&1 || true
 token1=$(mint after-chaos) || die "cannot mint after the chaos"
-for s in "${verifiers[@]}"; do
+kid_end=$(active_kid)
+for s in "${nodes[@]}"; do
     verify_on "$s" "$token0" || die "$s refuses the token minted before the chaos"
-    verify_on "$s" "$token1" || die "$s refuses a token minted after the chaos"
+    verify_on "$s" "$token1" || die "$s refuses a token of the newest key ${kid_end:0:8}… minted after the chaos"
 done
-say "the token minted before the chaos still verifies on every node of both regions"
+say "on every node of both regions: the token minted before the chaos and one of the newest key verify"
 
 failures=()
 probe_ok=$(grep -c '^ok' "$work/probe.log" || true)
@@ -358,6 +446,7 @@ fi
     echo "image: $KEYFLEET_IMAGE ($(docker image inspect -f '{{.Size}}' "$KEYFLEET_IMAGE") bytes)"
     echo "keys: $kid0 -> $kid1 -> $kid2"
     echo "probe: $probe_ok right, $probe_bad wrong, $probe_unavailable skipped"
+    echo "relays: ${relays[*]}; via in keys list --json: $([[ -e $work/fleet.novia ]] && echo "not shown (not checked)" || echo checked)"
     echo "loadtest: $([[ $with_loadtest == 1 ]] && echo "exit $loadtest_rc, $(cat "$work/summary.json" 2>/dev/null)" || echo skipped)"
     echo "duration: $((SECONDS - started))s"
     ((${#failures[@]} == 0)) || printf 'failure: %s\n' "${failures[@]}"

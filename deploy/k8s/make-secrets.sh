@@ -2,7 +2,8 @@
 # Creates the secrets of the overlays, once: for region-a (the authority's) secrets/kek (a
 # random 32-byte key-encryption key as 64 hex characters), secrets/admin-token and
 # secrets/node-token (the fleet credential every verifier sends to watch the JWKS), and for
-# region-b a copy of that same node-token (its verifiers follow region a's authority).
+# region-b a copy of that same node-token (its relay follows region a's authority, and its
+# verifiers present the same credential to the relay).
 # Existing files are kept. Never commit them (deploy/.gitignore); in production, take them
 # from your secret store.
 set -euo pipefail

@@ -114,6 +114,68 @@ def config(objs, prefix):
     return maps[0].get("data", {}) if maps else {}
 
 
+def truthy(value):
+    """As clap reads a flag's variable: anything but a false literal is true."""
+    return value is not None and value.strip().lower() not in ("", "n", "no", "f", "false", "off", "0")
+
+
+def component(w):
+    return w["spec"]["template"]["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def environment(objs, w):
+    """The KEYFLEET_* environment of a workload's first container as the kubelet builds it: its
+    envFrom ConfigMaps in order (a later source wins), then its literal env values."""
+    maps = {o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
+    c = w["spec"]["template"]["spec"]["containers"][0]
+    env = {}
+    for ref in c.get("envFrom", []):
+        if "configMapRef" in ref:
+            env.update(maps.get(ref["configMapRef"]["name"], {}))
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+    return env
+
+
+def check_relay(objs, region, with_authority):
+    """A region's relay (`verifier --serve-watch`): the region's verifiers follow it, it follows
+    the authority (region a's, across regions, where there is none here)."""
+    relays = [w for w in workloads(objs) if component(w) == "relay"]
+    check(len(relays) == 1, f"{region}: one relay Deployment expected, found {len(relays)}")
+    if not relays:
+        return
+    relay = relays[0]
+    where = f"{region}: {name(relay)}"
+    check(relay["kind"] == "Deployment" and relay["spec"].get("replicas", 1) >= 2,
+          f"{where}: a Deployment of at least 2 replicas (one may be drained while the other feeds the region)")
+    labels = relay["spec"]["template"]["metadata"].get("labels", {})
+    check(any(o["kind"] == "PodDisruptionBudget" and matches(o["spec"]["selector"]["matchLabels"], labels)
+              for o in objs), f"{where}: no PodDisruptionBudget")
+    services = [o for o in objs if o["kind"] == "Service" and matches(o["spec"].get("selector", {}), labels)
+                and o["spec"].get("clusterIP") != "None"]
+    check(len(services) == 1, f"{where}: one ClusterIP Service expected, found {len(services)}")
+    ports = [p["port"] for svc in services for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    env = environment(objs, relay)
+    check(truthy(env.get("KEYFLEET_SERVE_WATCH")), f"{where}: KEYFLEET_SERVE_WATCH must be true")
+    upstream = env.get("KEYFLEET_AUTHORITY", "")
+    if with_authority:
+        check(upstream == "http://keyfleet-authority:7000",
+              f"{where}: the relay must follow the local authority, not {upstream!r}")
+    else:
+        check(upstream and "keyfleet-authority:" not in upstream and "keyfleet-relay" not in upstream,
+              f"{where}: the relay must follow region a's authority (not a local one, not itself), not {upstream!r}")
+    # The region's verifiers follow the relay's Service, and do not relay themselves.
+    wanted = {f"http://{svc['metadata']['name']}:{port}" for svc in services for port in ports}
+    for w in workloads(objs):
+        if component(w) != "verifier":
+            continue
+        venv = environment(objs, w)
+        check(venv.get("KEYFLEET_AUTHORITY") in wanted,
+              f"{region}: {name(w)} must follow the relay ({sorted(wanted)}), not {venv.get('KEYFLEET_AUTHORITY')!r}")
+        check(not truthy(venv.get("KEYFLEET_SERVE_WATCH")), f"{region}: {name(w)} must not --serve-watch")
+
+
 def check_region(objs, region, with_authority):
     check_objects(objs, complete=True)
     for o in objs:
@@ -124,18 +186,18 @@ def check_region(objs, region, with_authority):
           f"{region}: {'exactly one authority' if with_authority else 'no authority'} expected, found {len(sets)}")
     verifier = config(objs, "keyfleet-verifier")
     check(verifier.get("KEYFLEET_REGION") == region, f"{region}: verifiers labelled {verifier.get('KEYFLEET_REGION')}")
-    # A verifier without an audience policy (or with both) refuses to start.
+    # A verifier (and a relay, which reads the same ConfigMap) without an audience policy (or
+    # with both) refuses to start.
     has_audience = bool(verifier.get("KEYFLEET_AUDIENCE", "").strip(", "))
-    # As clap reads a flag's variable: anything but a false literal is true.
-    any_audience = verifier.get("KEYFLEET_ANY_AUDIENCE", "false").strip().lower() not in (
-        "", "n", "no", "f", "false", "off", "0")
+    any_audience = truthy(verifier.get("KEYFLEET_ANY_AUDIENCE", "false"))
     check(has_audience != any_audience,
           f"{region}: verifiers need exactly one of KEYFLEET_AUDIENCE and KEYFLEET_ANY_AUDIENCE=true")
     if with_authority:
         secrets = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].startswith("keyfleet-authority")]
         check(len(secrets) == 1 and set(secrets[0].get("data", {})) == {"kek", "admin-token", "node-token"},
               f"{region}: Secret keyfleet-authority with kek, admin-token and node-token")
-    # Every verifier sends the fleet credential (or the authority refuses its watch stream).
+    # Every verifier and relay sends the fleet credential (or the authority, or the relay,
+    # refuses its watch stream).
     fleet = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].startswith("keyfleet-node-token")]
     check(len(fleet) == 1 and set(fleet[0].get("data", {})) == {"node-token"},
           f"{region}: Secret keyfleet-node-token with node-token")
@@ -145,9 +207,7 @@ def check_region(objs, region, with_authority):
         for c in w["spec"]["template"]["spec"]["containers"]:
             check(any(a.startswith("--node-token-file=") for a in c.get("args", [])),
                   f"{region}: {name(w)} container {c['name']} needs --node-token-file")
-    if not with_authority:
-        check("keyfleet-authority:" not in verifier.get("KEYFLEET_AUTHORITY", "keyfleet-authority:"),
-              f"{region}: verifiers must point at region a's authority, not a local one")
+    check_relay(objs, region, with_authority)
 
 
 def main():

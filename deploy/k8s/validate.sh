@@ -76,7 +76,7 @@ rm -rf "$out/k8s/overlays/region-a/secrets" "$out/k8s/overlays/region-b/secrets"
 rendered=()
 if [[ -n $kubectl ]]; then
     say "rendering with $("$kubectl" version --client 2>/dev/null | tr '\n' ' ')"
-    for target in base base/authority base/verifier overlays/region-a overlays/region-b; do
+    for target in base base/authority base/relay base/verifier overlays/region-a overlays/region-b; do
         file=$out/$(echo "$target" | tr / -).yaml
         "$kubectl" kustomize "$out/k8s/$target" >"$file"
         say "rendered $target: $(grep -c '^kind:' "$file") objects"

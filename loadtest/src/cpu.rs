@@ -47,3 +47,49 @@ pub fn rss_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// CPU and memory of another process (a server the load generator started, or
+/// one it was told the pid of), from `/proc/<pid>` (Linux).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessSample {
+    /// User + system CPU of every thread the process has had, reaped ones included
+    /// (`stat`'s utime + stime; clock-tick resolution, 10 ms).
+    pub cpu_ns: u64,
+    /// Resident memory (`VmRSS`).
+    pub rss_bytes: u64,
+}
+
+/// Clock ticks per second of `stat`'s CPU times: 100 on every Linux build that matters
+/// (`USER_HZ`, fixed by the kernel ABI whatever the kernel's own tick rate).
+const USER_HZ: u64 = 100;
+
+/// A sample of process `pid` now; `None` when it is gone or `/proc` is not readable.
+pub fn process_sample(pid: u32) -> Option<ProcessSample> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Some(ProcessSample {
+        cpu_ns: ticks * (1_000_000_000 / USER_HZ),
+        rss_bytes: rss_kib * 1024,
+    })
+}
+
+impl ProcessSample {
+    /// The sum of several processes' samples (a tier of relays).
+    pub fn sum(samples: impl IntoIterator<Item = ProcessSample>) -> ProcessSample {
+        samples
+            .into_iter()
+            .fold(ProcessSample::default(), |a, b| ProcessSample {
+                cpu_ns: a.cpu_ns + b.cpu_ns,
+                rss_bytes: a.rss_bytes + b.rss_bytes,
+            })
+    }
+}

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod cpu;
 pub mod curve;
 pub mod engine;
+pub mod fanout;
 pub mod html;
 pub mod report;
 

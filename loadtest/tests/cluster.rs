@@ -3,6 +3,7 @@
 //! and the fleet verifying through an authority outage.
 
 mod attack;
+mod fanout;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,20 +1,22 @@
 //! The authority's handle ([`Authority`]) and the state its servers share ([`AuthorityState`]);
 //! its methods live in the files named for their job (see the crate docs).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use keyfleet_core::RingPolicy;
-use keyfleet_proto::v1 as pb;
+use keyfleet_core::UnixSeconds;
+use keyfleet_feed::watch::{Slots, WatchOwner, Watchers};
+use keyfleet_feed::{Feed, Message, Published};
 use keyfleet_runtime::Clock;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::admin::AdminToken;
 use crate::keys::{RingState, SecretKey};
 use crate::metrics::Metrics;
 use crate::ring_file::RingFile;
-use crate::watchers::{Slots, Watchers};
 
 /// The signing authority: open it with [`Authority::open`], then [`Authority::serve`] it.
 pub struct Authority {
@@ -67,10 +69,16 @@ pub(crate) struct AuthorityState {
     /// so memory never runs ahead of disk. Changed only by `commit`.
     pub ring: tokio::sync::Mutex<RingState>,
     pub signer: ArcSwap<Signer>,
-    pub snapshots: watch::Sender<Arc<pb::JwksSnapshot>>,
+    /// What verifiers receive: every version encoded once (full, public, delta from the
+    /// previous one) and a bounded change log for resuming nodes.
+    pub feed: Feed,
     pub watchers: Mutex<Watchers>,
     /// Asks the lifecycle loop for a tick now (after an ack or a disconnect).
     pub kick: Notify,
+    /// The ring's `rotation_pending`, as last committed: only then can an ack or a disconnect
+    /// release a promotion, so only then do they kick the lifecycle loop (10,000 watchers
+    /// acking a revocation must not run 10,000 ticks).
+    pub rotation_pending: AtomicBool,
     pub metrics: Metrics,
     /// How the listeners are served (TLS, limits) and the admin rules (`--insecure-admin`,
     /// the admin rate).
@@ -95,14 +103,36 @@ impl AuthorityState {
         self.lock_watchers().min_acked(self.watcher_timeout)
     }
 
-    /// The snapshot verifiers receive now.
-    pub(crate) fn current(&self) -> Arc<pb::JwksSnapshot> {
-        self.snapshots.borrow().clone()
+    /// The version verifiers receive now.
+    pub(crate) fn current(&self) -> Arc<Published> {
+        self.feed.current()
     }
 
     /// `Cache-Control: max-age` of the HTTP JWKS: half of publish-ahead (1s to 5min), so a
     /// cached copy learns a next key well before it may sign.
     pub(crate) fn jwks_max_age(&self) -> i64 {
         (self.policy.publish_ahead / 2).clamp(1, 300)
+    }
+}
+
+/// The watch streams' view of the authority: its fleet view, its clock, the lifecycle loop to
+/// wake (an ack may release a promotion) and the metrics of what is sent.
+impl WatchOwner for AuthorityState {
+    fn watchers(&self) -> MutexGuard<'_, Watchers> {
+        self.lock_watchers()
+    }
+
+    fn now(&self) -> UnixSeconds {
+        self.clock.now()
+    }
+
+    fn changed(&self) {
+        if self.rotation_pending.load(Ordering::Relaxed) {
+            self.kick.notify_one();
+        }
+    }
+
+    fn sent(&self, message: &Message) {
+        self.metrics.sent(message.full, message.bytes.len());
     }
 }

@@ -5,12 +5,13 @@
 //! write changes nothing, in memory or on disk.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use keyfleet_core::{RingError, UnixSeconds};
 use tracing::{error, info};
 
 use crate::authority::{AuthorityState, Signer};
-use crate::convert::snapshot;
+use crate::convert::feed_state;
 use crate::error::ServiceError;
 use crate::keys::RingState;
 
@@ -64,6 +65,8 @@ impl AuthorityState {
             });
             let old_next = state.ring.next().map(|k| k.kid.clone());
             *state = work;
+            self.rotation_pending
+                .store(state.ring.rotation_pending, Ordering::Relaxed);
             if let Some(next) = state
                 .ring
                 .next()
@@ -80,8 +83,11 @@ impl AuthorityState {
                 }));
             }
             if published {
-                self.snapshots
-                    .send_replace(Arc::new(snapshot(&state.ring, &self.issuer, now)));
+                self.feed.publish(
+                    feed_state(&state.ring, &self.issuer),
+                    state.ring.version,
+                    now,
+                );
             }
             self.metrics.observe_ring(&state.ring);
         }

@@ -1,51 +1,37 @@
-//! The ring as the proto API shows it: the `JwksSnapshot` verifiers receive (and its public
-//! part anyone may read), and the `KeyInfo` rows of `ListKeys`.
+//! The ring as the proto API shows it: the key-set state verifiers receive (the feed encodes
+//! its full, public and delta messages), and the `KeyInfo` rows of `ListKeys`.
 
-use keyfleet_core::{KeyRecord, KeyRing, KeyState, UnixSeconds};
+use keyfleet_core::{KeyRecord, KeyRing, KeyState};
+use keyfleet_feed::FeedState;
 use keyfleet_proto::v1 as pb;
 
-/// The snapshot verifiers receive for `ring`.
-pub(crate) fn snapshot(ring: &KeyRing, issuer: &str, now: UnixSeconds) -> pb::JwksSnapshot {
-    pb::JwksSnapshot {
-        version: ring.version,
+/// The key-set state verifiers receive for `ring`: its published keys, active kid and deny
+/// lists.
+pub(crate) fn feed_state(ring: &KeyRing, issuer: &str) -> FeedState {
+    FeedState {
         issuer: issuer.to_owned(),
+        active_kid: ring.active().kid.clone(),
         keys: ring
             .jwks()
             .into_iter()
-            .map(|k| pb::Jwk {
-                kid: k.kid,
-                kty: k.kty,
-                crv: k.crv,
-                x: k.x,
-                alg: k.alg,
-                r#use: k.use_,
+            .map(|k| {
+                let jwk = pb::Jwk {
+                    kid: k.kid,
+                    kty: k.kty,
+                    crv: k.crv,
+                    x: k.x,
+                    alg: k.alg,
+                    r#use: k.use_,
+                };
+                (jwk.kid.clone(), jwk)
             })
             .collect(),
         revoked_kids: ring.revoked_kids.keys().cloned().collect(),
         revoked_tokens: ring
             .revoked_tokens
             .iter()
-            .map(|(jti, until)| pb::RevokedToken {
-                jti: jti.clone(),
-                until: *until,
-            })
+            .map(|(jti, until)| (jti.clone(), *until))
             .collect(),
-        active_kid: ring.active().kid.clone(),
-        generated_at: now,
-    }
-}
-
-/// `snapshot` without its deny lists, as anyone may read it (like the HTTP JWKS). A revoked
-/// kid is already absent from `keys`.
-pub(crate) fn public(snapshot: &pb::JwksSnapshot) -> pb::JwksSnapshot {
-    pb::JwksSnapshot {
-        version: snapshot.version,
-        issuer: snapshot.issuer.clone(),
-        keys: snapshot.keys.clone(),
-        revoked_kids: Vec::new(),
-        revoked_tokens: Vec::new(),
-        active_kid: snapshot.active_kid.clone(),
-        generated_at: snapshot.generated_at,
     }
 }
 

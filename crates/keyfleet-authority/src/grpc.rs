@@ -1,33 +1,32 @@
 //! The `keyfleet.v1.Authority` gRPC service: credential checks (the admin token for admin
 //! calls, the fleet's node token for `WatchJwks` and the deny lists of `GetJwks`), then the
-//! shared state's operations; and the `WatchJwks` push stream with its acknowledgements.
+//! shared state's operations; and the admission of `WatchJwks` streams, which
+//! `keyfleet_feed::watch` then drives. Key-set answers are bytes the feed encoded once per
+//! version (`keyfleet_proto::encoded`), never encoded per call.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use keyfleet_core::{escape_untrusted, is_valid_label};
+use keyfleet_feed::watch::{self, Admitted, Full, HelloError, NodeIdTaken, WatchResponse};
+use keyfleet_proto::encoded::authority_server::Authority;
 use keyfleet_proto::v1 as pb;
+use keyfleet_proto::wire::EncodedSnapshot;
 use keyfleet_runtime::CancellationToken;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::CertificateDer;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::admin::AdminToken;
 use crate::authority::AuthorityState;
-use crate::convert::public;
 use crate::error::ServiceError;
 use crate::guard::{AdminGuard, Verdict};
 use crate::metrics::Credential;
-use crate::watchers::{Full, Slot};
 
 /// Largest message the authority decodes. Its requests are small (a hello, an ack, a token
-/// request under the 8 KiB token limit); a bigger one is refused before it costs memory.
+/// request under the 8 KiB token limit, a relay's report of at most
+/// `watch::MAX_DOWNSTREAM_PER_MESSAGE` nodes); a bigger one is refused before it costs memory.
 pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// A watch stream must name itself this soon, or it is dropped (and its slot freed).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Characters of an untrusted string shown in a log line.
 const LOGGED_CHARS: usize = 64;
 
@@ -122,12 +121,13 @@ impl AuthorityService {
     }
 
     /// Everything `WatchJwks` checks before the stream starts: the fleet credential, a slot
-    /// under the caps, the hello within [`HELLO_TIMEOUT`], valid labels, and a node id no live
-    /// stream holds. With mutual TLS the node id is the client certificate's, not the hello's.
+    /// under the caps, the hello within `watch::HELLO_TIMEOUT`, valid labels. With mutual TLS
+    /// the node id is the client certificate's, not the hello's. (That no live stream holds
+    /// the node id is checked as the stream opens.)
     async fn admit(
         &self,
         request: Request<Streaming<pb::WatchJwksRequest>>,
-    ) -> Result<Admitted, ServiceError> {
+    ) -> Result<Admitted<Streaming<pb::WatchJwksRequest>>, ServiceError> {
         self.credential(&request, &self.shared.node, Credential::Node, "WatchJwks")?;
         let peer = request.remote_addr();
         let certified = match request.peer_certs() {
@@ -153,15 +153,15 @@ impl AuthorityService {
                 })
             })?;
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(hello))) => hello,
-            Ok(Ok(None)) | Err(_) => {
+        let hello = match watch::read_hello(&mut inbound).await {
+            Ok(hello) => hello,
+            Err(HelloError::Missing) => {
                 return Err(ServiceError::InvalidArgument(format!(
                     "watch stream: send the hello (node_id, region, acked_version) as the first message, within {}s",
-                    HELLO_TIMEOUT.as_secs()
+                    watch::HELLO_TIMEOUT.as_secs()
                 )));
             }
-            Ok(Err(status)) => {
+            Err(HelloError::Unreadable(status)) => {
                 self.shared.metrics.watch_refused("bad_hello");
                 debug!(peer = %peer_name(peer), code = ?status.code(), "watch hello unreadable");
                 return Err(ServiceError::Status(status));
@@ -182,7 +182,7 @@ impl AuthorityService {
                 }
                 name
             }
-            None if is_valid_label(&hello.node_id) => hello.node_id,
+            None if is_valid_label(&hello.node_id) => hello.node_id.clone(),
             None => {
                 self.shared.metrics.watch_refused("bad_hello");
                 warn!(peer = %peer_name(peer), node_id = %shown(&hello.node_id), "watch refused: bad node id");
@@ -191,26 +191,12 @@ impl AuthorityService {
                 ));
             }
         };
-        let snapshots = self.shared.snapshots.subscribe();
-        let newest = snapshots.borrow().version;
-        let acked = hello.acked_version.min(newest);
-        let now = self.shared.clock.now();
-        let conn = self
-            .shared
-            .lock_watchers()
-            .connect(&node_id, &hello.region, acked, now);
-        let Some(conn) = conn else {
-            self.shared.metrics.watch_refused("node_id_taken");
-            warn!(peer = %peer_name(peer), node_id = %node_id, "watch refused: a live stream holds this node id");
-            return Err(ServiceError::NodeIdTaken(node_id));
-        };
-        info!(node_id = %node_id, region = %hello.region, peer = %peer_name(peer), by_certificate, "watcher connected");
-        self.shared.kick.notify_one();
+        debug!(node_id = %node_id, peer = %peer_name(peer), by_certificate, "watch stream admitted");
         Ok(Admitted {
             inbound,
-            snapshots,
-            me: (node_id, conn),
-            slot,
+            hello,
+            node_id,
+            slot: Some(slot),
         })
     }
 }
@@ -228,40 +214,45 @@ fn certified_node_id(certs: &[CertificateDer<'static>]) -> Option<String> {
     is_valid_label(name).then(|| name.to_owned())
 }
 
-/// A watch stream that passed [`AuthorityService::admit`].
-struct Admitted {
-    inbound: Streaming<pb::WatchJwksRequest>,
-    snapshots: tokio::sync::watch::Receiver<Arc<pb::JwksSnapshot>>,
-    me: (String, u64),
-    slot: Slot,
-}
-
 #[tonic::async_trait]
-impl pb::authority_server::Authority for AuthorityService {
-    /// Public keys for anyone; the deny lists (`revoked_kids`, `revoked_tokens`) only with the
-    /// fleet credential. A wrong credential is refused rather than quietly served less.
+impl Authority for AuthorityService {
+    /// Public keys for anyone; the deny lists (`revoked_kids`, `revoked_tokens`) and the
+    /// digest only with the fleet credential. A wrong credential is refused rather than quietly
+    /// served less. Both answers were encoded once, when the version was published.
     async fn get_jwks(
         &self,
         request: Request<pb::GetJwksRequest>,
-    ) -> Result<Response<pb::JwksSnapshot>, Status> {
+    ) -> Result<Response<EncodedSnapshot>, Status> {
         let current = self.shared.current();
         if authorization(&request).is_none() {
-            return Ok(Response::new(public(&current)));
+            return Ok(Response::new(current.public.clone()));
         }
         self.credential(&request, &self.shared.node, Credential::Node, "GetJwks")?;
-        Ok(Response::new((*current).clone()))
+        Ok(Response::new(current.full.clone()))
     }
 
-    type WatchJwksStream = ReceiverStream<Result<pb::JwksSnapshot, Status>>;
+    type WatchJwksStream = WatchResponse;
 
+    /// Admits the stream, then `keyfleet_feed::watch` drives it: full snapshots for a node
+    /// that does not accept deltas (the protocol before deltas), deltas after one full
+    /// snapshot (or after the version and digest it names) for one that does.
     async fn watch_jwks(
         &self,
         request: Request<Streaming<pb::WatchJwksRequest>>,
     ) -> Result<Response<Self::WatchJwksStream>, Status> {
         let admitted = self.admit(request).await?;
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(watch(self.shared.clone(), self.stop.clone(), admitted, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let stream = watch::open(
+            self.shared.clone(),
+            &self.shared.feed,
+            self.stop.clone(),
+            admitted,
+        )
+        .map_err(|NodeIdTaken(node_id)| {
+            self.shared.metrics.watch_refused("node_id_taken");
+            warn!(node_id = %node_id, "watch refused: a live stream holds this node id");
+            ServiceError::NodeIdTaken(node_id)
+        })?;
+        Ok(Response::new(stream))
     }
 
     async fn issue_token(
@@ -311,77 +302,5 @@ impl pb::authority_server::Authority for AuthorityService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.authorize(&request, Admin::Unmetered, "ListKeys")?;
         Ok(Response::new(self.shared.list_keys().await))
-    }
-}
-
-/// Drives one admitted watch stream: pushes the current snapshot at once and the latest one
-/// after every change (a slow reader gets only the newest, never a backlog), and records the
-/// watcher's acknowledgements and heartbeats. Ends when the client goes away or on shutdown;
-/// the stream's slot is freed with it.
-async fn watch(
-    shared: Arc<AuthorityState>,
-    stop: CancellationToken,
-    admitted: Admitted,
-    tx: mpsc::Sender<Result<pb::JwksSnapshot, Status>>,
-) {
-    let Admitted {
-        mut inbound,
-        mut snapshots,
-        me,
-        slot: _slot,
-    } = admitted;
-    let mut me = Some(me);
-    let mut pending = Some(snapshots.borrow_and_update().clone());
-    // The newest version queued for this client: an ack beyond it is not believed.
-    let mut newest = pending.as_ref().map_or(0, |s| s.version);
-    // A client that half-closes still gets snapshots, but can no longer hold back promotions.
-    let mut inbound_open = true;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = tx.reserve(), if pending.is_some() => {
-                let Ok(permit) = permit else { break };
-                let snapshot = pending.take().expect("guarded by the branch condition");
-                permit.send(Ok((*snapshot).clone()));
-            }
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let snapshot = snapshots.borrow_and_update().clone();
-                newest = snapshot.version;
-                pending = Some(snapshot);
-            }
-            message = inbound.message(), if inbound_open => {
-                let message = match message {
-                    Ok(Some(message)) => message,
-                    Ok(None) => {
-                        inbound_open = false;
-                        leave(&shared, me.take());
-                        continue;
-                    }
-                    Err(_) => break,
-                };
-                let acked = message.acked_version.min(newest);
-                if let Some((node_id, conn)) = &me {
-                    debug!(node_id = %node_id, acked, "watcher acknowledged");
-                    shared.lock_watchers().ack(node_id, *conn, acked, shared.clock.now());
-                }
-                shared.kick.notify_one();
-            }
-            _ = tx.closed() => break,
-        }
-    }
-    leave(&shared, me);
-}
-
-/// Marks a watcher disconnected (it stays listed for a while) and lets promotions proceed.
-fn leave(shared: &AuthorityState, me: Option<(String, u64)>) {
-    if let Some((node_id, conn)) = me {
-        shared
-            .lock_watchers()
-            .disconnect(&node_id, conn, shared.clock.now());
-        info!(node_id = %node_id, "watcher disconnected");
-        shared.kick.notify_one();
     }
 }

@@ -34,10 +34,11 @@ pub(crate) fn router(shared: Arc<AuthorityState>, local_addr: SocketAddr) -> Rou
 /// RFC 7517 JWKS of the published keys, cacheable for a fraction of `--publish-ahead` so a
 /// cached copy always learns a next key before it signs.
 async fn jwks(State(state): State<HttpState>) -> impl IntoResponse {
-    let snapshot = state.shared.current();
-    let keys: Vec<Value> = snapshot
+    let published = state.shared.current();
+    let keys: Vec<Value> = published
+        .state
         .keys
-        .iter()
+        .values()
         .map(|k| json!({ "kty": k.kty, "crv": k.crv, "x": k.x, "kid": k.kid, "use": k.r#use, "alg": k.alg }))
         .collect();
     let cache = format!("public, max-age={}", state.shared.jwks_max_age());

@@ -8,8 +8,9 @@
 //! lifecycle loop), `commit.rs` (the only writer of `keyring.json`), `ops.rs` (what the RPCs
 //! do), `grpc.rs`/`http.rs` (the APIs), `record.rs` (the file's versioned layout),
 //! `ring_file.rs` (the file itself), `keys.rs` (private keys), `convert.rs` (ring → proto),
-//! `admin.rs`/`guard.rs` (credentials, admin rules), `kek.rs` (sealing), `watchers.rs`,
-//! `metrics.rs`, `client.rs` (the admin client).
+//! `admin.rs`/`guard.rs` (credentials, admin rules), `kek.rs` (sealing), `metrics.rs`,
+//! `client.rs` (the admin client). The fleet view and the watch-stream driver are
+//! `keyfleet_feed::watch`, shared with relays.
 
 mod admin;
 mod authority;
@@ -29,7 +30,6 @@ mod ops;
 mod record;
 mod ring_file;
 mod serve;
-mod watchers;
 
 pub use authority::Authority;
 pub use config::{

@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::watchers::Watchers;
+use keyfleet_feed::watch::Watchers;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -67,6 +67,34 @@ struct AuthLabel {
     outcome: &'static str,
 }
 
+/// What a watch message carries: `full` (the whole set) or `delta` (what changed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// The counters of one kind of watch message, taken out of their families once so that a send
+/// costs two atomic adds.
+#[derive(Debug)]
+struct Sent {
+    messages: Counter,
+    bytes: Counter,
+}
+
+impl Sent {
+    fn new(
+        messages: &Family<KindLabel, Counter>,
+        bytes: &Family<KindLabel, Counter>,
+        kind: &'static str,
+    ) -> Sent {
+        let label = KindLabel { kind };
+        Sent {
+            messages: messages.get_or_create(&label).clone(),
+            bytes: bytes.get_or_create(&label).clone(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -78,6 +106,7 @@ pub(crate) struct Metrics {
     keys: Family<StateLabel, Gauge>,
     pub tokens_issued: Counter,
     watchers: Gauge,
+    watchers_behind_relays: Gauge,
     watchers_lagging: Gauge,
     watchers_min_acked: Gauge,
     jwks_version: Gauge,
@@ -88,6 +117,8 @@ pub(crate) struct Metrics {
     pub shed: Counter,
     auth_failures: Family<AuthLabel, Counter>,
     watch_refused: Family<ReasonLabel, Counter>,
+    sent_full: Sent,
+    sent_delta: Sent,
 }
 
 impl Metrics {
@@ -96,6 +127,7 @@ impl Metrics {
         let keys = Family::<StateLabel, Gauge>::default();
         let tokens_issued = Counter::default();
         let watchers = Gauge::default();
+        let watchers_behind_relays = Gauge::default();
         let watchers_lagging = Gauge::default();
         let watchers_min_acked = Gauge::default();
         let jwks_version = Gauge::default();
@@ -112,6 +144,11 @@ impl Metrics {
             "keyfleet_watchers",
             "Connected WatchJwks watchers",
             watchers.clone(),
+        );
+        registry.register(
+            "keyfleet_watchers_behind_relays",
+            "Connected watchers that watch through a relay (also counted in keyfleet_watchers)",
+            watchers_behind_relays.clone(),
         );
         registry.register(
             "keyfleet_watchers_lagging",
@@ -161,6 +198,20 @@ impl Metrics {
             "Authenticated WatchJwks streams refused, by reason (full, bad_hello, node_id_taken)",
             watch_refused.clone(),
         );
+        let watch_messages = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "keyfleet_watch_messages",
+            "WatchJwks messages sent, by kind (full: the whole key set; delta: what changed)",
+            watch_messages.clone(),
+        );
+        let watch_bytes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "keyfleet_watch_bytes",
+            "Encoded bytes of the WatchJwks messages sent, by kind (full, delta)",
+            watch_bytes.clone(),
+        );
+        let sent_full = Sent::new(&watch_messages, &watch_bytes, "full");
+        let sent_delta = Sent::new(&watch_messages, &watch_bytes, "delta");
         for trigger in Trigger::ALL {
             let _ = rotations.get_or_create(&TriggerLabel {
                 trigger: trigger.as_str(),
@@ -171,6 +222,7 @@ impl Metrics {
             keys,
             tokens_issued,
             watchers,
+            watchers_behind_relays,
             watchers_lagging,
             watchers_min_acked,
             jwks_version,
@@ -180,7 +232,20 @@ impl Metrics {
             shed,
             auth_failures,
             watch_refused,
+            sent_full,
+            sent_delta,
         }
+    }
+
+    /// A watch message of `bytes` bytes went out (`full`: a whole snapshot, else a delta).
+    pub(crate) fn sent(&self, full: bool, bytes: usize) {
+        let sent = if full {
+            &self.sent_full
+        } else {
+            &self.sent_delta
+        };
+        sent.messages.inc();
+        sent.bytes.inc_by(bytes as u64);
     }
 
     pub(crate) fn auth_failed(&self, credential: Credential, limited: bool) {
@@ -217,15 +282,18 @@ impl Metrics {
         self.next_rotation.set(ring.next_rotation_at());
     }
 
-    /// Refreshes the watcher gauges: how many are connected, and how far the live ones are
-    /// from holding the published version (a rotation waits for them).
+    /// Refreshes the watcher gauges: how many are connected (directly and behind relays), and
+    /// how far the live ones are from holding the published version (a rotation waits for
+    /// them). One pass over the fleet view.
     pub(crate) fn observe_watchers(&self, watchers: &Watchers, timeout: Duration) {
         let published = self.jwks_version.get().max(0) as u64;
-        self.watchers.set(watchers.connected() as i64);
-        self.watchers_lagging
-            .set(watchers.lagging(published, timeout) as i64);
+        let summary = watchers.summary(published, timeout);
+        self.watchers.set(summary.connected as i64);
+        self.watchers_behind_relays
+            .set(summary.behind_relays as i64);
+        self.watchers_lagging.set(summary.lagging as i64);
         self.watchers_min_acked
-            .set(watchers.min_acked(timeout).map_or(-1, |v| v as i64));
+            .set(summary.min_acked.map_or(-1, |v| v as i64));
     }
 
     pub(crate) fn rotated(&self, trigger: Trigger) {

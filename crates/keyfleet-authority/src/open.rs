@@ -4,22 +4,24 @@
 //! anything is written.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use keyfleet_core::{KeyRing, RingPolicy, UnixSeconds};
-use tokio::sync::{Notify, watch};
+use keyfleet_feed::watch::Slots;
+use keyfleet_feed::{Feed, Limits};
+use tokio::sync::Notify;
 use tracing::info;
 
 use crate::Config;
 use crate::admin::AdminToken;
 use crate::authority::{Authority, AuthorityState, Signer};
-use crate::convert::snapshot;
+use crate::convert::feed_state;
 use crate::error::OpenError;
 use crate::keys::{RingState, SecretKey};
 use crate::metrics::Metrics;
 use crate::ring_file::RingFile;
-use crate::watchers::Slots;
 
 impl Authority {
     /// Loads or creates the key ring and the credentials. Fails without modifying anything on
@@ -123,7 +125,13 @@ fn shared_state(
         .clone();
     let metrics = Metrics::new();
     metrics.observe_ring(&state.ring);
-    let snapshot = Arc::new(snapshot(&state.ring, &config.issuer, now));
+    let rotation_pending = state.ring.rotation_pending;
+    let feed = Feed::new(
+        feed_state(&state.ring, &config.issuer),
+        state.ring.version,
+        now,
+        Limits::default(),
+    );
     AuthorityState {
         issuer: config.issuer,
         policy: config.policy,
@@ -137,9 +145,10 @@ fn shared_state(
         _dir_lock: dir_lock,
         ring: tokio::sync::Mutex::new(state),
         signer: ArcSwap::from_pointee(Signer { kid: active, key }),
-        snapshots: watch::Sender::new(snapshot),
+        feed,
         watchers: Mutex::default(),
         kick: Notify::new(),
+        rotation_pending: AtomicBool::new(rotation_pending),
         transport: keyfleet_runtime::serve::Transport {
             tls: config.tls,
             limits: config.limits,

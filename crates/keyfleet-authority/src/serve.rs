@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use keyfleet_core::ring::TickOutcome;
-use keyfleet_proto::v1 as pb;
 use keyfleet_runtime::CancellationToken;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -52,7 +51,7 @@ impl Authority {
         let service = grpc::AuthorityService::new(shared.clone(), stop.clone(), guard);
         let (routes, _health) = keyfleet_runtime::serve::with_health_and_reflection(
             Routes::new(
-                pb::authority_server::AuthorityServer::new(service)
+                keyfleet_proto::encoded::authority_server::AuthorityServer::new(service)
                     .max_decoding_message_size(grpc::MAX_REQUEST_BYTES),
             ),
             "keyfleet.v1.Authority",
@@ -93,18 +92,22 @@ impl Authority {
     }
 }
 
-/// Ticks the ring every `tick_interval` and whenever kicked, until `stop`.
+/// Ticks the ring every `tick_interval` and whenever kicked, until `stop`; forgets long-gone
+/// watchers and refreshes the watcher gauges on the interval.
 async fn lifecycle(shared: Arc<AuthorityState>, stop: CancellationToken) {
     let mut interval = tokio::time::interval(shared.tick_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let kicked = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
-            _ = shared.kick.notified() => {}
+            _ = interval.tick() => false,
+            _ = shared.kick.notified() => true,
+        };
+        // A kick (an ack during a pending rotation) needs the tick alone.
+        if !kicked {
+            shared.lock_watchers().prune();
+            shared.observe_watchers();
         }
-        shared.lock_watchers().prune();
-        shared.observe_watchers();
         match shared.tick().await {
             // Already logged where it happened.
             Ok(()) | Err(ServiceError::Persist(_)) => {}

@@ -666,21 +666,30 @@ impl Watch {
         Watch::open_as(client, node_id, region, Some(&auth.node)).await
     }
 
-    /// Opens a stream with `token` (none: no credential at all).
+    /// Opens a stream with `token` (none: no credential at all), as a verifier that predates
+    /// deltas does.
     async fn open_as(
         client: &mut AuthorityClient<Channel>,
         node_id: &str,
         region: &str,
         token: Option<&str>,
     ) -> Result<Watch, tonic::Status> {
-        let (acks, rx) = mpsc::channel(8);
-        acks.send(pb::WatchJwksRequest {
+        let hello = pb::WatchJwksRequest {
             node_id: node_id.into(),
             region: region.into(),
-            acked_version: 0,
-        })
-        .await
-        .unwrap();
+            ..Default::default()
+        };
+        Watch::open_with(client, hello, token).await
+    }
+
+    /// Opens a stream with `token` (none: no credential at all) that says `hello` first.
+    async fn open_with(
+        client: &mut AuthorityClient<Channel>,
+        hello: pb::WatchJwksRequest,
+        token: Option<&str>,
+    ) -> Result<Watch, tonic::Status> {
+        let (acks, rx) = mpsc::channel(8);
+        acks.send(hello).await.unwrap();
         let request = match token {
             Some(token) => with_bearer(ReceiverStream::new(rx), token),
             None => Request::new(ReceiverStream::new(rx)),
@@ -742,10 +751,16 @@ async fn watched(
 async fn promotion_waits_for_live_watchers_to_ack() {
     let clock = Clock::manual(START);
     let (auth, mut client, mut watch, first) = watched(&clock, "verifier-1").await;
+    let with_credential = client
+        .get_jwks(auth.node(pb::GetJwksRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
-        first,
-        jwks(&mut client).await.into_with_time(first.generated_at)
+        first, with_credential,
+        "a watcher gets what GetJwks answers"
     );
+    assert!(first.delta.is_none(), "{first:?}");
     let old_active = first.active_kid.clone();
     let next = next_kid(&first);
 
@@ -816,19 +831,6 @@ async fn without_an_ack_a_next_key_waits_at_most_publish_ahead() {
     let pushed = watch.next().await;
     assert_eq!(pushed.active_kid, next);
     auth.stop().await;
-}
-
-trait WithTime {
-    fn into_with_time(self, t: i64) -> Self;
-}
-
-impl WithTime for pb::JwksSnapshot {
-    fn into_with_time(self, generated_at: i64) -> Self {
-        pb::JwksSnapshot {
-            generated_at,
-            ..self
-        }
-    }
 }
 
 #[tokio::test]
@@ -1212,5 +1214,6 @@ async fn admin_calls_are_rate_limited() {
     auth.stop().await;
 }
 
+mod deltas;
 mod fleet;
 mod secure_files;

@@ -72,6 +72,10 @@ pub struct Config {
     /// sent as `authorization: Bearer …` on `WatchJwks` and `GetJwks`. Without it an authority
     /// refuses the watch stream and sends public keys only (no deny lists).
     pub node_token_file: Option<PathBuf>,
+    /// `--serve-watch`: also serve `GetJwks` and `WatchJwks` on the gRPC port, as a relay for
+    /// downstream verifiers (which point `--authority` at this node). Needs an authority source
+    /// and the fleet credential, which downstream callers must present too.
+    pub serve_watch: bool,
     /// gRPC transport limits and load shedding.
     pub limits: Limits,
     pub clock: Clock,
@@ -125,6 +129,7 @@ impl Config {
             tls: None,
             source_tls: ClientTls::default(),
             node_token_file: None,
+            serve_watch: false,
             limits: Limits::default(),
             clock: Clock::system(),
         }
@@ -206,6 +211,14 @@ impl Config {
                 self.verify_batch_window,
             ));
         }
+        if self.serve_watch {
+            if !matches!(self.source, Source::Authority { .. }) {
+                return Err(ConfigError::ServeWatchNeedsAuthority);
+            }
+            if self.node_token_file.is_none() {
+                return Err(ConfigError::ServeWatchNeedsNodeToken);
+            }
+        }
         if let (Source::Authority { .. }, Some(path)) = (&self.source, &self.node_token_file) {
             crate::upstream::load_node_token(path)?;
         }
@@ -251,6 +264,14 @@ pub enum ConfigError {
     InsecureSavedKeySet(#[from] keyfleet_runtime::secure_fs::SecureFsError),
     #[error("{0} may not be zero")]
     Zero(&'static str),
+    #[error(
+        "--serve-watch relays a keyfleet authority's key set: it needs --authority (a --jwks-url source has no versions or deltas to relay)"
+    )]
+    ServeWatchNeedsAuthority,
+    #[error(
+        "--serve-watch needs --node-token-file: the relay sends the fleet credential upstream and requires the same one from the verifiers behind it"
+    )]
+    ServeWatchNeedsNodeToken,
     #[error("--verify-batch-max {0} is more than {max}", max = crate::MAX_BATCH)]
     VerifyBatchTooLarge(usize),
     #[error(

@@ -2,7 +2,7 @@
 //! waits on a refresh, with its age (for `--max-stale`) and readiness; saved to and loaded from
 //! `--cache-dir` through [`crate::saved`].
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -65,6 +65,9 @@ pub(crate) struct NodeKeys {
     save_lock: Mutex<()>,
     /// True while the push stream delivers snapshots: a pull then never rolls the version back.
     pub(crate) watching: AtomicBool,
+    /// Messages the push stream delivered and the node applied (full, delta or "unchanged"):
+    /// a pull is skipped while this moves.
+    pub(crate) pushes: AtomicU64,
     ready: tokio::sync::watch::Sender<bool>,
     config: Config,
     metrics: Arc<Metrics>,
@@ -78,6 +81,7 @@ impl NodeKeys {
             apply_lock: Mutex::new(()),
             save_lock: Mutex::new(()),
             watching: AtomicBool::new(false),
+            pushes: AtomicU64::new(0),
             ready: tokio::sync::watch::Sender::new(false),
             config,
             metrics,
@@ -109,6 +113,18 @@ impl NodeKeys {
         self.ready.subscribe()
     }
 
+    /// Renews the freshness of the held set when it is at `version` (an empty delta: the
+    /// source says nothing changed); true when it was.
+    pub(crate) fn renew(&self, version: u64) -> bool {
+        let _guard = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.current.load().as_ref().map(|h| h.keys.version) != Some(version) {
+            return false;
+        }
+        self.fetched_at
+            .fetch_max(self.config.clock.now(), Ordering::AcqRel);
+        true
+    }
+
     /// Screens and installs `fetched` from `origin`.
     pub(crate) fn apply(&self, fetched: Fetched, origin: Origin) -> Result<Applied, ApplyError> {
         let now = self.config.clock.now();
@@ -130,7 +146,10 @@ impl NodeKeys {
                 return Ok(Applied::Renewed);
             }
             if fetched.version < held_version {
-                if origin != Origin::Push && self.watching.load(Ordering::Acquire) {
+                // A delta only moves forward: a pull that got ahead is not undone by it.
+                if fetched.from_delta
+                    || (origin != Origin::Push && self.watching.load(Ordering::Acquire))
+                {
                     tracing::debug!(
                         fetched = fetched.version,
                         held = held_version,

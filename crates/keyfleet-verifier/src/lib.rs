@@ -9,7 +9,8 @@
 //! `node/http.rs` (metrics, healthz, readyz); `keyset.rs` the key set in use; `saved.rs` the
 //! saved key set in `--cache-dir`; `cache.rs` the verified-token cache; `gate.rs` the
 //! unknown-kid refresh gate (cool-down and wait); `upstream.rs` the client to the source;
-//! `config.rs` the configuration, its defaults and its check; `metrics.rs` the metrics.
+//! `config.rs` the configuration, its defaults and its check; `metrics.rs` the metrics;
+//! `relay.rs` the relay side (`--serve-watch`: `GetJwks`/`WatchJwks` for downstream verifiers).
 
 mod cache;
 mod config;
@@ -17,6 +18,7 @@ mod gate;
 mod keyset;
 mod metrics;
 mod node;
+mod relay;
 mod saved;
 mod upstream;
 

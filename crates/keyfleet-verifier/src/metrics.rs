@@ -37,6 +37,24 @@ impl Origin {
     }
 }
 
+/// Why the push stream's state was dropped for a full re-sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resync {
+    /// A delta for a version other than the one held.
+    Gap,
+    /// The state a delta gave has another digest than the source's.
+    Digest,
+}
+
+impl Resync {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Resync::Gap => "gap",
+            Resync::Digest => "digest",
+        }
+    }
+}
+
 pub(crate) struct Metrics {
     registry: Registry,
     /// `keyfleet_verify_total{reason}`'s series, in [`Reason::ALL`] order: resolved once, so
@@ -47,10 +65,16 @@ pub(crate) struct Metrics {
     pub(crate) jwks_age: Gauge,
     fetch: Family<Labels2, Counter>,
     pub(crate) unknown_kid: Counter,
+    /// `keyfleet_jwks_resyncs_total{reason}`: push-stream state dropped for a full re-sync.
+    resyncs: Family<Labels1, Counter>,
+    /// `keyfleet_jwks_updates_total{kind}`: push-stream messages applied, full or delta.
+    updates: Family<Labels1, Counter>,
     rejected: Family<Labels1, Counter>,
     pub(crate) inflight: Gauge<i64, AtomicI64>,
     /// Requests refused by load shedding (`RESOURCE_EXHAUSTED`).
     pub(crate) shed: Counter,
+    /// `keyfleet_relay_streams`: watch streams a relay serves (0 without `--serve-watch`).
+    pub(crate) relay_streams: Gauge,
     node_info: Family<[(&'static str, String); 2], Gauge>,
     pub(crate) cache: crate::cache::CacheMetrics,
     pub(crate) batch: BatchMetrics,
@@ -132,6 +156,24 @@ impl Metrics {
             "Tokens whose kid was not in the key set",
             unknown_kid.clone(),
         );
+        let resyncs = Family::<Labels1, Counter>::default();
+        registry.register(
+            "keyfleet_jwks_resyncs",
+            "Push-stream states dropped for a full re-sync: a delta for another version (gap) or a state whose digest differs from the source's (digest)",
+            resyncs.clone(),
+        );
+        let updates = Family::<Labels1, Counter>::default();
+        registry.register(
+            "keyfleet_jwks_updates",
+            "Push-stream messages applied, by kind (full snapshot or delta; an empty delta renews freshness)",
+            updates.clone(),
+        );
+        for reason in [Resync::Gap, Resync::Digest] {
+            let _ = resyncs.get_or_create(&[("reason", reason.as_str())]);
+        }
+        for kind in ["full", "delta"] {
+            let _ = updates.get_or_create(&[("kind", kind)]);
+        }
         let rejected = Family::<Labels1, Counter>::default();
         registry.register(
             "keyfleet_keys_rejected",
@@ -150,6 +192,12 @@ impl Metrics {
             "Requests refused with RESOURCE_EXHAUSTED because the node was overloaded",
             shed.clone(),
         );
+        let relay_streams = Gauge::default();
+        registry.register(
+            "keyfleet_relay_streams",
+            "Watch streams of downstream verifiers this relay serves (--serve-watch)",
+            relay_streams.clone(),
+        );
         let cache = crate::cache::CacheMetrics::register(&mut registry);
         let batch = BatchMetrics::register(&mut registry);
         let node_info = Family::<[(&'static str, String); 2], Gauge>::default();
@@ -167,9 +215,12 @@ impl Metrics {
             jwks_age,
             fetch,
             unknown_kid,
+            resyncs,
+            updates,
             rejected,
             inflight,
             shed,
+            relay_streams,
             node_info,
             cache,
             batch,
@@ -198,6 +249,18 @@ impl Metrics {
         self.fetch
             .get_or_create(&[("source", origin.as_str()), ("outcome", outcome)])
             .inc();
+    }
+
+    pub(crate) fn resynced(&self, why: Resync) {
+        self.resyncs
+            .get_or_create(&[("reason", why.as_str())])
+            .inc();
+    }
+
+    /// A push-stream message applied: a full snapshot or a delta.
+    pub(crate) fn updated(&self, full: bool) {
+        let kind = if full { "full" } else { "delta" };
+        self.updates.get_or_create(&[("kind", kind)]).inc();
     }
 
     pub(crate) fn rejected(&self, why: RejectedKey) {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use keyfleet_proto::encoded::authority_server::AuthorityServer;
 use keyfleet_proto::v1::verifier_server::VerifierServer;
 use keyfleet_runtime::CancellationToken;
 use keyfleet_runtime::rpc_trace::ServerLabels;
@@ -19,6 +20,7 @@ use crate::gate::Gate;
 use crate::keyset::NodeKeys;
 use crate::metrics::Metrics;
 use crate::node::combine::Combiner;
+use crate::relay::{MAX_REQUEST_BYTES, Relay, RelayService};
 use crate::upstream::{Upstream, UpstreamError};
 
 mod batch;
@@ -61,6 +63,8 @@ struct Inner {
     cache: VerifyCache,
     /// Concurrent `Verify` calls checked in one batch (`node/combine.rs`).
     combiner: Combiner,
+    /// `--serve-watch`: the relay side, serving the source's key set to downstream verifiers.
+    relay: Option<Arc<Relay>>,
 }
 
 /// Why [`Verifier::open`] refused to build a node.
@@ -105,6 +109,17 @@ impl Verifier {
             .await
             .map_err(OpenError::SavedKeySetTask)?
             .map_err(OpenError::SavedKeySet)?;
+        let relay = match (&config.node_token_file, config.serve_watch) {
+            (Some(path), true) => {
+                let token = crate::upstream::load_node_token(path).map_err(UpstreamError::from)?;
+                Some(Arc::new(Relay::new(
+                    token,
+                    keys.clone(),
+                    config.clock.clone(),
+                )))
+            }
+            _ => None,
+        };
         let gate = Gate::new(config.unknown_kid_cooldown);
         let cache = VerifyCache::new(config.cache_entries, metrics.cache.clone());
         let combiner = Combiner::new(
@@ -122,6 +137,7 @@ impl Verifier {
                 metrics,
                 cache,
                 combiner,
+                relay,
             }),
         })
     }
@@ -187,7 +203,19 @@ impl Verifier {
         // while a megabyte-sized request is refused before it is buffered.
         let max_request = self.inner.config.max_token_bytes.saturating_add(64 * 1024);
         let server = VerifierServer::new(self.clone()).max_decoding_message_size(max_request);
-        let (routes, health) = with_health_and_reflection(Routes::new(server), SERVICE).await?;
+        let mut routes = Routes::new(server);
+        if let Some(relay) = &self.inner.relay {
+            relay.start(background.clone());
+            routes = routes.add_service(
+                AuthorityServer::new(RelayService(relay.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            );
+            tasks.push(tokio::spawn(relay_sweeper(
+                relay.clone(),
+                background.clone(),
+            )));
+        }
+        let (routes, health) = with_health_and_reflection(routes, SERVICE).await?;
         let routes = keyfleet_runtime::rpc_trace::traced(routes, self.labels());
         let node = Arc::downgrade(&self.inner);
         keyfleet_runtime::metrics_bridge::export(&self.labels().attributes(), move || {
@@ -236,6 +264,18 @@ impl Verifier {
             role: "verifier",
             node_id: self.inner.config.node_id.clone(),
             region: self.inner.config.region.clone(),
+        }
+    }
+}
+
+/// Ends a relay's streams while its own set is stale, until `shutdown`.
+async fn relay_sweeper(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(crate::relay::STALE_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => relay.end_streams_if_stale(),
         }
     }
 }

@@ -87,6 +87,7 @@ impl SavedKeySet {
                 .map(|t| (t.jti, t.until))
                 .collect(),
             unparseable: 0,
+            from_delta: false,
         }
     }
 }

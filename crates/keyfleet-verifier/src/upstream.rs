@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keyfleet_core::{Jwk, UnixSeconds};
+use keyfleet_feed::FeedState;
 use keyfleet_proto::v1::authority_client::AuthorityClient;
 use keyfleet_proto::v1::{GetJwksRequest, JwksSnapshot};
 use keyfleet_runtime::tls::ClientTls;
@@ -34,6 +35,21 @@ pub(crate) struct NodeToken(String);
 impl std::fmt::Debug for NodeToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("NodeToken(<redacted>)")
+    }
+}
+
+impl NodeToken {
+    /// Whether `authorization` metadata (`Bearer <token>`) carries this credential: what a
+    /// relay asks of the verifiers behind it. Constant time in the credential's content.
+    pub(crate) fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        let Some((scheme, presented)) = authorization.and_then(|v| v.split_at_checked(7)) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case(b"bearer ")
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                presented.trim_ascii(),
+                self.0.as_bytes(),
+            ))
     }
 }
 
@@ -144,6 +160,21 @@ pub(crate) struct Fetched {
     pub(crate) revoked_tokens: Vec<(String, UnixSeconds)>,
     /// JWKS entries that were not JWK objects at all (counted as rejected keys).
     pub(crate) unparseable: usize,
+    /// Built by applying a delta of the push stream: never rolls the held version back (a
+    /// pull may have got ahead of the stream).
+    pub(crate) from_delta: bool,
+}
+
+fn jwk(k: keyfleet_proto::v1::Jwk) -> Jwk {
+    Jwk {
+        kty: k.kty,
+        crv: k.crv,
+        x: k.x,
+        kid: k.kid,
+        use_: k.r#use,
+        alg: k.alg,
+        ..Jwk::default()
+    }
 }
 
 impl From<JwksSnapshot> for Fetched {
@@ -151,19 +182,7 @@ impl From<JwksSnapshot> for Fetched {
         Fetched {
             version: s.version,
             issuer: Some(s.issuer).filter(|i| !i.is_empty()),
-            keys: s
-                .keys
-                .into_iter()
-                .map(|k| Jwk {
-                    kty: k.kty,
-                    crv: k.crv,
-                    x: k.x,
-                    kid: k.kid,
-                    use_: k.r#use,
-                    alg: k.alg,
-                    ..Jwk::default()
-                })
-                .collect(),
+            keys: s.keys.into_iter().map(jwk).collect(),
             revoked_kids: s.revoked_kids,
             revoked_tokens: s
                 .revoked_tokens
@@ -171,8 +190,37 @@ impl From<JwksSnapshot> for Fetched {
                 .map(|t| (t.jti, t.until))
                 .collect(),
             unparseable: 0,
+            from_delta: false,
         }
     }
+}
+
+impl Fetched {
+    /// The key set `state` names at `version`, as a delta of the push stream left it.
+    pub(crate) fn of_delta(state: &FeedState, version: u64) -> Fetched {
+        Fetched {
+            version,
+            issuer: Some(state.issuer.clone()).filter(|i| !i.is_empty()),
+            keys: state.keys.values().cloned().map(jwk).collect(),
+            revoked_kids: state.revoked_kids.iter().cloned().collect(),
+            revoked_tokens: state
+                .revoked_tokens
+                .iter()
+                .map(|(jti, until)| (jti.clone(), *until))
+                .collect(),
+            unparseable: 0,
+            from_delta: true,
+        }
+    }
+}
+
+/// What one pull brought.
+#[derive(Debug)]
+pub(crate) enum Pulled {
+    /// The authority's (or a relay's) snapshot, as it came.
+    Snapshot(JwksSnapshot),
+    /// A JWKS document, parsed.
+    Jwks(Fetched),
 }
 
 /// Why a fetch failed.
@@ -267,7 +315,7 @@ impl Upstream {
     }
 
     /// One pull of the whole key set.
-    pub(crate) async fn fetch(&self) -> Result<Fetched, FetchError> {
+    pub(crate) async fn fetch(&self) -> Result<Pulled, FetchError> {
         match self {
             Upstream::Authority(client) => {
                 let mut client = client.clone();
@@ -275,9 +323,9 @@ impl Upstream {
                     tokio::time::timeout(FETCH_TIMEOUT, client.get_jwks(GetJwksRequest {}))
                         .await
                         .map_err(|_| FetchError::Timeout)??;
-                Ok(snapshot.into_inner().into())
+                Ok(Pulled::Snapshot(snapshot.into_inner()))
             }
-            Upstream::Http { client, url } => fetch_http(client, url).await,
+            Upstream::Http { client, url } => Ok(Pulled::Jwks(fetch_http(client, url).await?)),
         }
     }
 }

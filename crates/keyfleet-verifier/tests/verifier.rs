@@ -107,6 +107,8 @@ struct FakeState {
     pushes: broadcast::Sender<JwksSnapshot>,
     get_jwks: AtomicUsize,
     acks: Mutex<Vec<u64>>,
+    /// Every message of every watch stream, in order.
+    requests: Mutex<Vec<WatchJwksRequest>>,
     /// The `authorization` of every GetJwks and WatchJwks call, in order.
     credentials: Mutex<Vec<(&'static str, Option<String>)>>,
     down: CancellationToken,
@@ -154,7 +156,10 @@ impl Authority for FakeService {
                 tokio::select! {
                     _ = state.down.cancelled() => break,
                     msg = incoming.message() => match msg {
-                        Ok(Some(m)) => state.acks.lock().unwrap().push(m.acked_version),
+                        Ok(Some(m)) => {
+                            state.acks.lock().unwrap().push(m.acked_version);
+                            state.requests.lock().unwrap().push(m);
+                        }
                         _ => break,
                     },
                     snap = pushes.recv() => match snap {
@@ -213,6 +218,7 @@ impl FakeAuthority {
             pushes: broadcast::channel(16).0,
             get_jwks: AtomicUsize::new(0),
             acks: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
             credentials: Mutex::new(Vec::new()),
             down: CancellationToken::new(),
         });
@@ -1007,8 +1013,10 @@ async fn readiness_health_and_metrics() {
 
 mod batching;
 mod defaults;
+mod deltas;
 mod hostile;
 mod observability;
+mod relay;
 mod secure_cache;
 
 /// A fleet credential as `--node-token-file` holds it.

@@ -247,6 +247,12 @@ pub struct VerifierArgs {
     /// WatchJwks and GetJwks. Required with --authority.
     #[arg(long, env = "KEYFLEET_NODE_TOKEN_FILE")]
     pub node_token_file: Option<PathBuf>,
+    /// Also serve GetJwks and WatchJwks on the gRPC port, as a relay: downstream verifiers point
+    /// --authority at this node (with the same node token) and get the authority's versions,
+    /// deltas and digests from it; the authority sees them (via this node) in `keys list`.
+    /// Needs --authority.
+    #[arg(long, env = "KEYFLEET_SERVE_WATCH")]
+    pub serve_watch: bool,
 }
 
 #[derive(Debug, Args)]

@@ -370,7 +370,7 @@ fn list_json(r: &ListKeysResponse) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "watchers": r.watchers.iter().map(|w| json!({
             "node_id": w.node_id, "region": w.region, "acked_version": w.acked_version,
-            "last_seen": w.last_seen, "connected": w.connected,
+            "last_seen": w.last_seen, "connected": w.connected, "via": w.via,
         })).collect::<Vec<_>>(),
     })
 }
@@ -407,19 +407,25 @@ pub fn render_list(r: &ListKeysResponse) -> String {
         .filter(|w| w.connected && w.acked_version < r.version)
         .count();
     out.push_str(&format!(
-        "\nWATCHERS ({} connected, {} behind version {})\nNODE                     REGION       HOLDS      LAST SEEN  CONNECTED\n",
+        "\nWATCHERS ({} connected, {} behind version {})\nNODE                     REGION       HOLDS      LAST SEEN  CONNECTED  VIA\n",
         r.watchers.iter().filter(|w| w.connected).count(),
         behind,
         r.version
     ));
     for w in &r.watchers {
         out.push_str(&format!(
-            "{:<24} {:<12} v{:<9} {:<10} {}\n",
+            "{:<24} {:<12} v{:<9} {:<10} {:<10} {}\n",
             shown(&w.node_id),
             shown(&w.region),
             w.acked_version,
             ago(r.now, w.last_seen),
-            if w.connected { "yes" } else { "no" }
+            if w.connected { "yes" } else { "no" },
+            // A node watching the authority directly has no relay.
+            if w.via.is_empty() {
+                Cow::Borrowed("-")
+            } else {
+                shown(&w.via)
+            }
         ));
     }
     out
@@ -470,6 +476,7 @@ mod tests {
                 region: format!("eu{HOSTILE}"),
                 acked_version: 3,
                 connected: true,
+                via: format!("relay{HOSTILE}"),
                 ..WatcherInfo::default()
             }],
             ..ListKeysResponse::default()
@@ -494,6 +501,40 @@ mod tests {
             "{table}"
         );
         assert!(!table.lines().any(|l| l.starts_with("ERROR")), "{table}");
+        assert!(table.contains("relaynode-1\\u{1b}[2J"), "{table}");
+    }
+
+    /// The table names the relay a node watches through, and `-` for a direct watcher.
+    #[test]
+    fn keys_list_shows_the_relay_each_node_watches_through() {
+        let watcher = |node: &str, via: &str| WatcherInfo {
+            node_id: node.into(),
+            region: "eu".into(),
+            acked_version: 3,
+            connected: true,
+            via: via.into(),
+            ..WatcherInfo::default()
+        };
+        let list = ListKeysResponse {
+            version: 3,
+            watchers: vec![watcher("relay-eu", ""), watcher("node-7", "relay-eu")],
+            ..ListKeysResponse::default()
+        };
+        let table = render_list(&list);
+        let row = |node: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(node))
+                .unwrap_or_else(|| panic!("no row for {node}: {table}"))
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(row("relay-eu"), "-", "{table}");
+        assert_eq!(row("node-7"), "relay-eu", "{table}");
+        assert!(table.contains("VIA"), "{table}");
+        assert_eq!(list_json(&list)["watchers"][1]["via"], "relay-eu");
     }
 
     /// `--json` output (and `token verify`'s) stays valid JSON with the same values, and holds

@@ -1,11 +1,14 @@
 //! `keyfleet loadtest`: the command line of the load generator in `keyfleet-loadtest`. Exit 0
 //! when no legitimate token was refused and no bad token accepted, 1 otherwise.
+//! `keyfleet loadtest fanout`: the fan-out benchmark (`keyfleet_loadtest::fanout`). Exit 0 when
+//! every watcher got every change and ended on the authority's state, 1 otherwise.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
+use keyfleet_loadtest::fanout::{self, AuthoritySource, FanoutOptions};
 use keyfleet_loadtest::{Invalid, Load, LoadOptions, Pick, Target, engine};
 use keyfleet_runtime::parse_duration;
 
@@ -28,7 +31,10 @@ pub enum PickArg {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct LoadtestArgs {
+    #[command(subcommand)]
+    pub benchmark: Option<Benchmark>,
     /// gRPC URL of the authority that mints the tokens (needs the admin credential).
     #[arg(long, env = "KEYFLEET_AUTHORITY", required_unless_present = "local")]
     pub authority: Option<String>,
@@ -99,6 +105,128 @@ pub struct LoadtestArgs {
     pub tls: ClientTlsArgs,
 }
 
+/// Benchmarks other than the Verify load.
+#[derive(Debug, Subcommand)]
+pub enum Benchmark {
+    /// Hold N WatchJwks streams (lean in-process clients, like a fleet of verifiers) on an
+    /// authority, directly or through relays; revoke tokens and rotate keys; report push latency
+    /// to all N, the servers' CPU per delivered update, bytes per watcher per change, memory per
+    /// watcher, and what a node that missed a change gets back. By default the authority (and
+    /// any relay) is started from this binary as a child process on loopback.
+    Fanout(FanoutArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FanoutArgs {
+    /// Watch streams to hold.
+    #[arg(long, env = "KEYFLEET_WATCHERS", default_value_t = fanout::DEFAULT_WATCHERS)]
+    pub watchers: usize,
+    /// Token revocations to push (one at a time, each once every watcher has the last).
+    #[arg(long, env = "KEYFLEET_REVOCATIONS", default_value_t = fanout::DEFAULT_REVOCATIONS)]
+    pub revocations: usize,
+    /// Key rotations to push, spread among the revocations.
+    #[arg(long, env = "KEYFLEET_ROTATIONS", default_value_t = fanout::DEFAULT_ROTATIONS)]
+    pub rotations: usize,
+    /// Token revocations made before the watchers connect (a long deny list).
+    #[arg(long, env = "KEYFLEET_PRELOAD_REVOCATIONS", default_value_t = 0)]
+    pub preload_revocations: usize,
+    /// Relays (`keyfleet verifier --serve-watch`, started as child processes) to spread the
+    /// watchers over; 0 puts every watcher on the authority.
+    #[arg(long, env = "KEYFLEET_RELAYS", default_value_t = 0)]
+    pub relays: usize,
+    /// Watch streams per HTTP/2 connection: 1 is one connection per watcher, like a real fleet.
+    #[arg(long, env = "KEYFLEET_CONNECTIONS", default_value_t = fanout::DEFAULT_STREAMS_PER_CONNECTION as u16, value_parser = clap::value_parser!(u16).range(1..=fanout::MAX_STREAMS_PER_CONNECTION as i64))]
+    pub connections: u16,
+    /// Watchers that disconnect, miss one revocation, and come back naming what they hold.
+    #[arg(long, env = "KEYFLEET_RECONNECTS", default_value_t = fanout::DEFAULT_RECONNECTS)]
+    pub reconnects: usize,
+    /// An authority already running (gRPC URL) instead of a local one; needs
+    /// --node-token-file and the admin credential, and must allow the streams (its
+    /// --max-watchers, --max-watchers-per-peer) and the changes (--admin-rate).
+    #[arg(long, env = "KEYFLEET_AUTHORITY", requires = "node_token_file")]
+    pub authority: Option<String>,
+    /// The fleet credential of --authority (a copy of its <data-dir>/node.token).
+    #[arg(long, env = "KEYFLEET_NODE_TOKEN_FILE", requires = "authority")]
+    pub node_token_file: Option<PathBuf>,
+    /// The pid of --authority when it runs on this machine, to measure its CPU and memory.
+    #[arg(long, env = "KEYFLEET_AUTHORITY_PID", requires = "authority")]
+    pub authority_pid: Option<u32>,
+    /// Streams being opened at once (servers refuse opens past their own bound).
+    #[arg(long, env = "KEYFLEET_MAX_OPENING", default_value_t = fanout::DEFAULT_MAX_OPENING)]
+    pub max_opening: usize,
+    /// Give up waiting for every watcher to hold the key set after this long.
+    #[arg(long, env = "KEYFLEET_RAMP_TIMEOUT", default_value = default_duration(fanout::DEFAULT_RAMP_TIMEOUT), value_parser = parse_duration)]
+    pub ramp_timeout: Duration,
+    /// Give up waiting for every watcher to hold one change after this long.
+    #[arg(long, env = "KEYFLEET_CHANGE_TIMEOUT", default_value = default_duration(fanout::DEFAULT_CHANGE_TIMEOUT), value_parser = parse_duration)]
+    pub change_timeout: Duration,
+    /// Wait between one change reaching every watcher and the next change.
+    #[arg(long, env = "KEYFLEET_PAUSE", default_value = default_duration(fanout::DEFAULT_PAUSE), value_parser = parse_duration)]
+    pub pause: Duration,
+    /// Write the JSON report here.
+    #[arg(long, env = "KEYFLEET_REPORT_JSON")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub cred: AdminCred,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+impl FanoutArgs {
+    fn options(self) -> anyhow::Result<FanoutOptions> {
+        let authority = match (self.authority, self.node_token_file) {
+            (Some(url), Some(node_token_file)) => AuthoritySource::Remote {
+                url,
+                admin_token: crate::client::admin_token(&self.cred)?,
+                node_token_file,
+                pid: self.authority_pid,
+            },
+            _ => AuthoritySource::Spawn,
+        };
+        if self.watchers == 0 {
+            return Err(CliError::Usage("--watchers must be at least 1".into()).into());
+        }
+        Ok(FanoutOptions {
+            watchers: self.watchers,
+            revocations: self.revocations,
+            rotations: self.rotations,
+            preload_revocations: self.preload_revocations,
+            relays: self.relays,
+            streams_per_connection: self.connections.into(),
+            reconnects: self.reconnects,
+            authority,
+            program: std::env::current_exe().ok(),
+            tls: self.tls.load()?,
+            max_opening: self.max_opening.max(1),
+            ramp_timeout: self.ramp_timeout,
+            change_timeout: self.change_timeout,
+            pause: self.pause,
+            progress: true,
+        })
+    }
+}
+
+async fn run_fanout(args: FanoutArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json.clone();
+    let report = fanout::run(args.options()?).await?;
+    print!("{}", report.summary());
+    if let Some(path) = &json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!("  JSON report     {}", path.display());
+    }
+    if report.passed() {
+        println!("OK: every watcher got every change and holds the authority's state.");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "FAILED: see above (watchers missing a change, gaps, digest mismatches or full snapshots on reconnect)."
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
 impl LoadtestArgs {
     fn options(self) -> anyhow::Result<LoadOptions> {
         let target = match self.local {
@@ -153,7 +281,10 @@ impl LoadtestArgs {
     }
 }
 
-pub async fn run(args: LoadtestArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<ExitCode> {
+    if let Some(Benchmark::Fanout(fanout)) = args.benchmark.take() {
+        return run_fanout(fanout).await;
+    }
     let (json, html_file) = (args.report_json.clone(), args.report_html.clone());
     let options = args.options()?;
     let report = keyfleet_loadtest::run(options).await?;
@@ -173,5 +304,59 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<ExitCode> {
             report.false_rejects, report.false_accepts
         );
         Ok(ExitCode::from(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn fanout(args: &[&str]) -> Result<FanoutArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["keyfleet", "loadtest", "fanout"].iter().chain(args))?;
+        match cli.command {
+            Command::Loadtest(LoadtestArgs {
+                benchmark: Some(Benchmark::Fanout(f)),
+                ..
+            }) => Ok(f),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// `keyfleet loadtest fanout` needs nothing else (it starts its own authority); an
+    /// existing authority needs its node token; the Verify load's own flags stay apart.
+    #[test]
+    fn fanout_runs_on_its_defaults_or_on_a_named_authority() {
+        let f = fanout(&[]).unwrap();
+        assert_eq!(
+            (
+                f.watchers,
+                f.revocations,
+                f.rotations,
+                f.relays,
+                f.connections
+            ),
+            (1000, 20, 2, 0, 1)
+        );
+        assert!(f.authority.is_none());
+        let f = fanout(&["--watchers", "10000", "--relays", "1", "--connections", "4"]).unwrap();
+        assert_eq!((f.watchers, f.relays, f.connections), (10000, 1, 4));
+        assert!(fanout(&["--authority", "http://127.0.0.1:7000"]).is_err());
+        let f = fanout(&[
+            "--authority",
+            "http://127.0.0.1:7000",
+            "--node-token-file",
+            "node.token",
+            "--authority-pid",
+            "42",
+        ])
+        .unwrap();
+        assert_eq!(f.authority_pid, Some(42));
+        assert!(fanout(&["--connections", "0"]).is_err());
+        assert!(fanout(&["--connections", "257"]).is_err());
+        // The Verify load's flags belong to `keyfleet loadtest` itself.
+        assert!(Cli::try_parse_from(["keyfleet", "loadtest", "--local", "1", "fanout"]).is_err());
     }
 }

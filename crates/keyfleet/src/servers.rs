@@ -114,6 +114,7 @@ pub async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
     )?;
     config.limits.max_inflight = args.max_inflight as usize;
     config.node_token_file = args.node_token_file;
+    config.serve_watch = args.serve_watch;
     let node_id = config.node_id.clone();
     // The whole configuration is checked (`Config::check`) and the node built before any
     // socket is bound: a bad one exits 64 without ever having listened.

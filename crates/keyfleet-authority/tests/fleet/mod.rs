@@ -338,7 +338,7 @@ async fn an_unauthenticated_stream_cannot_hold_a_rotation() {
     acks.send(pb::WatchJwksRequest {
         node_id: "holder".into(),
         region: "x".into(),
-        acked_version: 0,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -23,6 +23,13 @@
 //! waits; each batch that did wait is counted (`keyfleet_verify_batch_waits_total`), so tests
 //! prove by counting that a lone request never does.
 //!
+//! A batch whose equation fails (a forged or corrupted signature in it) is checked again one
+//! signature at a time, so the forger's one token would cost the batch's honest requests a
+//! second check each. After such a fallback the combiner therefore checks every batch one
+//! signature at a time for [`DISTRUST_AFTER_FALLBACK`] (1 s): a steady stream of forgeries
+//! costs at most one wasted batch equation per second, and otherwise exactly what checking
+//! without batching costs. Batching resumes by itself once the forgeries stop.
+//!
 //! The lead is handed on however a leader's future ends, also when it is dropped (a caller
 //! that goes away) and when a request is dropped just after being handed the lead: both hold
 //! a guard whose `Drop` passes the lead to the next request. A request whose caller went away
@@ -43,6 +50,9 @@ use crate::metrics::BatchMetrics;
 
 type Verdict = Result<Verified, Refusal>;
 
+/// How long after a failed batch equation every batch is checked one signature at a time.
+pub(crate) const DISTRUST_AFTER_FALLBACK: Duration = Duration::from_secs(1);
+
 /// The queue of requests waiting for a leader, and the leader's baton.
 pub(crate) struct Combiner {
     /// `--verify-batch-max` (1: every request is checked alone, no queue at all).
@@ -59,6 +69,14 @@ pub(crate) struct Combiner {
     /// Batches checked and the requests in them (the histogram's count and sum, readable).
     batches: AtomicU64,
     requests: AtomicU64,
+    /// Nanoseconds after `born` until which batches are checked one signature at a time (a
+    /// batch equation failed shortly before).
+    distrust_until: AtomicU64,
+    /// [`DISTRUST_AFTER_FALLBACK`], in nanoseconds (tests lengthen it).
+    distrust_for: AtomicU64,
+    /// Batches of more than one checked one signature at a time because of that.
+    distrusted: AtomicU64,
+    born: Instant,
     metrics: BatchMetrics,
 }
 
@@ -151,6 +169,10 @@ impl Combiner {
             approaching: AtomicUsize::new(0),
             batches: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            distrust_until: AtomicU64::new(0),
+            distrust_for: AtomicU64::new(DISTRUST_AFTER_FALLBACK.as_nanos() as u64),
+            distrusted: AtomicU64::new(0),
+            born: Instant::now(),
             metrics,
         };
         combiner.set(max, window);
@@ -335,11 +357,37 @@ impl Combiner {
         if let [(token, audience)] = items {
             return vec![validate(token, &held.keys, now, policy, *audience)];
         }
+        if self.since_born() < self.distrust_until.load(Ordering::Relaxed) {
+            self.distrusted.fetch_add(1, Ordering::Relaxed);
+            return items
+                .iter()
+                .map(|(token, audience)| validate(token, &held.keys, now, policy, *audience))
+                .collect();
+        }
         let validated = validate_all(items, held, now, policy);
         if validated.fell_back {
             self.metrics.fallbacks.inc();
+            let until = self.since_born() + self.distrust_for.load(Ordering::Relaxed);
+            self.distrust_until.fetch_max(until, Ordering::Relaxed);
         }
         validated.verdicts
+    }
+
+    fn since_born(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Batches checked one signature at a time after a failed batch equation.
+    #[cfg(test)]
+    pub(crate) fn distrusted(&self) -> u64 {
+        self.distrusted.load(Ordering::Relaxed)
+    }
+
+    /// Sets how long a failed batch equation turns batching off (tests).
+    #[cfg(test)]
+    pub(crate) fn set_distrust_for(&self, period: Duration) {
+        self.distrust_for
+            .store(period.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Passes a leader's seat to the first queued request still waiting, or frees it.

@@ -22,6 +22,9 @@ impl Verifier {
         let metrics = &self.inner.metrics;
         metrics.jwks_age.set(self.inner.keys.age().unwrap_or(-1));
         metrics.jwks_version.set(self.inner.keys.version() as i64);
+        if let Some(relay) = &self.inner.relay {
+            metrics.relay_streams.set(relay.streams_open() as i64);
+        }
         metrics.encode()
     }
 }

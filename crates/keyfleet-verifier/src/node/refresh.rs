@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keyfleet_core::escape_untrusted;
-use keyfleet_proto::v1::WatchJwksRequest;
+use keyfleet_feed::{Digest, FeedState};
+use keyfleet_proto::v1::{JwksSnapshot, WatchJwksRequest};
 use keyfleet_runtime::CancellationToken;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -16,8 +17,9 @@ use tonic::Status;
 use super::Verifier;
 use crate::config::Source;
 use crate::keyset::Applied;
-use crate::metrics::Origin;
-use crate::upstream::{Fetched, Upstream};
+use crate::metrics::{Origin, Resync};
+use crate::relay::Relay;
+use crate::upstream::{Fetched, Pulled, Upstream};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
@@ -30,7 +32,13 @@ impl Verifier {
     pub(super) async fn fetch_and_apply(&self, origin: Origin) -> bool {
         let metrics = &self.inner.metrics;
         let fetched = match self.inner.upstream.fetch().await {
-            Ok(f) => f,
+            Ok(Pulled::Jwks(fetched)) => fetched,
+            Ok(Pulled::Snapshot(snapshot)) => {
+                if let Some(relay) = &self.inner.relay {
+                    relay.publish_pulled(&snapshot);
+                }
+                snapshot.into()
+            }
             Err(e) => {
                 metrics.fetched(origin, false);
                 // The error may carry a remote server's own message: escaped, it cannot forge a line.
@@ -71,19 +79,32 @@ impl Verifier {
         }
     }
 
-    /// Keeps a `WatchJwks` stream open, reconnecting with jittered exponential backoff.
+    /// Keeps a `WatchJwks` stream open, reconnecting with jittered exponential backoff. The
+    /// source's state as the stream left it survives reconnects (in memory only), so a
+    /// reconnect resumes with the changes since.
     async fn watch_loop(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
+        let mut tracked = None;
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                outcome = self.watch_once(&mut backoff) => outcome,
+                outcome = self.watch_once(&mut backoff, &mut tracked) => outcome,
             };
             self.inner.keys.watching.store(false, Ordering::Release);
             match outcome {
-                Ok(()) => tracing::info!("the authority ended the jwks stream; reconnecting"),
-                Err(status) => {
+                StreamEnd::Closed => {
+                    tracing::info!("the authority ended the jwks stream; reconnecting")
+                }
+                StreamEnd::Failed(status) => {
                     tracing::warn!(code = ?status.code(), message = %escape_untrusted(status.message()), "jwks stream failed; reconnecting")
+                }
+                StreamEnd::Resync(why) => {
+                    tracked = None;
+                    self.inner.metrics.resynced(why);
+                    tracing::warn!(
+                        reason = why.as_str(),
+                        "jwks delta does not match the state held; re-syncing with a full snapshot"
+                    );
                 }
             }
             let delay = backoff.next();
@@ -94,35 +115,53 @@ impl Verifier {
         }
     }
 
-    /// One `WatchJwks` stream: the hello (node id, region, the version held), then an ack for
-    /// every snapshot applied, and a heartbeat (the last ack again) every [`HEARTBEAT`] so the
+    /// One `WatchJwks` stream: the hello (node id, region, the version held, and with a state
+    /// held from an earlier stream its digest, to resume with deltas), then an ack for every
+    /// message applied, and a heartbeat (the last ack again) every [`HEARTBEAT`] so the
     /// authority knows the stream is live: its node id cannot be taken over while it is, and a
-    /// silent stream stops holding rotations back.
-    async fn watch_once(&self, backoff: &mut Backoff) -> Result<(), Status> {
+    /// silent stream stops holding rotations back. A relay also reports the nodes behind it.
+    async fn watch_once(&self, backoff: &mut Backoff, tracked: &mut Option<Tracked>) -> StreamEnd {
         let config = &self.inner.config;
         let Upstream::Authority(client) = &self.inner.upstream else {
-            return Ok(());
+            return StreamEnd::Closed;
         };
         let (acks, requests) = tokio::sync::mpsc::channel(16);
-        let mut acked = self.inner.keys.version();
+        let mut acked = tracked
+            .as_ref()
+            .map_or_else(|| self.inner.keys.version(), |t| t.version);
         let hello = WatchJwksRequest {
             node_id: config.node_id.clone(),
             region: config.region.clone(),
             acked_version: acked,
+            accept_deltas: true,
+            held_digest: tracked
+                .as_ref()
+                .map(|t| t.digest.to_vec())
+                .unwrap_or_default(),
+            downstream: Vec::new(),
         };
         let _ = acks.try_send(hello);
-        let mut stream = client
+        // A relay lists every node behind it after each (re)connect, then sends changes.
+        let mut reports = std::collections::VecDeque::new();
+        if let Some(relay) = &self.inner.relay {
+            reports.extend(relay.downstream_report(true));
+        }
+        let mut stream = match client
             .clone()
             .watch_jwks(tokio_stream::wrappers::ReceiverStream::new(requests))
-            .await?
-            .into_inner();
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return StreamEnd::Failed(status),
+        };
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let snapshot = tokio::select! {
-                message = stream.message() => match message? {
-                    Some(snapshot) => snapshot,
-                    None => return Ok(()),
+                message = stream.message() => match message {
+                    Ok(Some(snapshot)) => snapshot,
+                    Ok(None) => return StreamEnd::Closed,
+                    Err(status) => return StreamEnd::Failed(status),
                 },
                 _ = heartbeat.tick() => {
                     // A full queue already holds messages that tell the same.
@@ -132,11 +171,38 @@ impl Verifier {
                     });
                     continue;
                 }
+                permit = acks.reserve(), if !reports.is_empty() => {
+                    let Ok(permit) = permit else { return StreamEnd::Closed };
+                    if let Some(downstream) = reports.pop_front() {
+                        permit.send(WatchJwksRequest {
+                            acked_version: acked,
+                            downstream,
+                            ..Default::default()
+                        });
+                    }
+                    // What changed while the queue drained is taken now: the queue never holds
+                    // more than the table, however slowly the source reads.
+                    if let (true, Some(relay)) = (reports.is_empty(), &self.inner.relay) {
+                        reports.extend(relay.downstream_report(false));
+                    }
+                    continue;
+                }
+                _ = relay_changed(self.inner.relay.as_deref()) => {
+                    if let (true, Some(relay)) = (reports.is_empty(), &self.inner.relay) {
+                        reports.extend(relay.downstream_report(false));
+                    }
+                    continue;
+                }
+            };
+            let version = snapshot.version;
+            let applied = match self.receive(snapshot, tracked).await {
+                Ok(applied) => applied,
+                Err(why) => return StreamEnd::Resync(why),
             };
             backoff.reset();
             self.inner.keys.watching.store(true, Ordering::Release);
-            let version = snapshot.version;
-            if self.apply(snapshot.into(), Origin::Push).await {
+            self.inner.keys.pushes.fetch_add(1, Ordering::AcqRel);
+            if applied {
                 acked = version;
                 // A full queue only drops an ack that a later one supersedes.
                 let _ = acks.try_send(WatchJwksRequest {
@@ -147,16 +213,110 @@ impl Verifier {
         }
     }
 
-    /// The fallback pull every `refresh_interval`.
+    /// Applies one message of the push stream: a full snapshot replaces the tracked state; a
+    /// delta applies to it only when it is at the delta's base version, and the result must
+    /// have the digest the message names. True when the node now holds the message's version.
+    async fn receive(
+        &self,
+        mut snapshot: JwksSnapshot,
+        tracked: &mut Option<Tracked>,
+    ) -> Result<bool, Resync> {
+        let version = snapshot.version;
+        let metrics = &self.inner.metrics;
+        let Some(delta) = snapshot.delta.take() else {
+            let state = FeedState::from_snapshot(&snapshot);
+            let digest = state.digest();
+            if !snapshot.digest.is_empty() && snapshot.digest != digest {
+                // The whole state came with it: nothing held could be wrong. Log and go on.
+                tracing::warn!(
+                    version,
+                    "a full jwks snapshot came with a digest of another state"
+                );
+            }
+            let generated_at = snapshot.generated_at;
+            let applied = self.apply(snapshot.into(), Origin::Push).await;
+            if applied {
+                metrics.updated(true);
+            }
+            // The source's state, even when screening refused the set: deltas apply to it.
+            if let Some(relay) = &self.inner.relay {
+                relay.publish(&state, version, generated_at, true);
+            }
+            *tracked = Some(Tracked {
+                version,
+                state,
+                digest,
+            });
+            return Ok(applied);
+        };
+        let Some(mut held) = tracked.take() else {
+            return Err(Resync::Gap);
+        };
+        if held.version != delta.base_version || version < delta.base_version {
+            tracing::debug!(
+                held = held.version,
+                base = delta.base_version,
+                version,
+                "jwks delta for another version"
+            );
+            return Err(Resync::Gap);
+        }
+        if version == delta.base_version {
+            // "You hold the newest version": nothing changed.
+            if snapshot.digest != held.digest {
+                return Err(Resync::Digest);
+            }
+            self.inner.keys.renew(version);
+            metrics.fetched(Origin::Push, true);
+            metrics.updated(false);
+            if let Some(relay) = &self.inner.relay {
+                relay.publish(&held.state, version, snapshot.generated_at, false);
+            }
+            *tracked = Some(held);
+            return Ok(true);
+        }
+        held.state
+            .apply(&delta, &snapshot.issuer, &snapshot.active_kid);
+        let digest = held.state.digest();
+        if snapshot.digest != digest {
+            return Err(Resync::Digest);
+        }
+        held.version = version;
+        held.digest = digest;
+        let applied = self
+            .apply(Fetched::of_delta(&held.state, version), Origin::Push)
+            .await;
+        if applied {
+            metrics.updated(false);
+        }
+        if let Some(relay) = &self.inner.relay {
+            relay.publish(&held.state, version, snapshot.generated_at, false);
+        }
+        // Even a set screening refused is the source's state: later deltas apply to it.
+        *tracked = Some(held);
+        Ok(applied)
+    }
+
+    /// The fallback pull every `refresh_interval`, skipped while the push stream delivers.
     async fn pull_loop(self, shutdown: CancellationToken) {
         let period = self.inner.config.refresh_interval;
         let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let keys = &self.inner.keys;
+        let mut pushes = keys.pushes.load(Ordering::Acquire);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticks.tick() => {}
             }
+            // A stream that delivered since the last tick is not broken: the pull would only
+            // fetch the whole set (deny lists included) again.
+            let delivered = keys.pushes.load(Ordering::Acquire);
+            if delivered != pushes && keys.watching.load(Ordering::Acquire) {
+                pushes = delivered;
+                continue;
+            }
+            pushes = delivered;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.fetch_and_apply(Origin::Pull) => {}
@@ -184,6 +344,30 @@ impl Verifier {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+}
+
+/// The source's state as the push stream left it: what its next delta applies to.
+struct Tracked {
+    version: u64,
+    state: FeedState,
+    digest: Digest,
+}
+
+/// How a watch stream ended.
+enum StreamEnd {
+    /// The source closed it.
+    Closed,
+    Failed(Status),
+    /// A delta did not fit the state held: reconnect without it, for a full snapshot.
+    Resync(Resync),
+}
+
+/// Resolves when a relay's downstream watchers changed; never without a relay.
+async fn relay_changed(relay: Option<&Relay>) {
+    match relay {
+        Some(relay) => relay.downstream_changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -270,3 +270,46 @@ fn small_machines_have_one_seat() {
         assert_eq!(seats, 1);
     }
 }
+
+/// Checks `tokens` as one batch (the first leads, the rest queue behind it) and returns the
+/// verdicts, in order.
+fn one_batch(combiner: &Combiner, held: &Arc<Held>, tokens: &[String]) -> Vec<Verdict> {
+    let company = combiner.approach();
+    let mut futures: Vec<_> = tokens
+        .iter()
+        .map(|t| Box::pin(combiner.validate(combiner.approach(), t, None, held, NOW)))
+        .collect();
+    for f in &mut futures {
+        assert!(poll(f.as_mut()).is_pending());
+    }
+    drop(company);
+    futures.iter_mut().map(|f| ready(f.as_mut())).collect()
+}
+
+#[tokio::test]
+async fn after_a_failed_batch_equation_batches_are_checked_one_by_one_for_a_while() {
+    let held = held();
+    // Tokens 3 and 7 are forged.
+    let tokens = tokens(8);
+    let expected: Vec<Verdict> = tokens.iter().map(|t| plain(t, &held, NOW)).collect();
+
+    let combiner = combiner(64, MAX_VERIFY_BATCH_WINDOW);
+    combiner.set_distrust_for(Duration::from_secs(3600));
+    assert_eq!(one_batch(&combiner, &held, &tokens[..4]), expected[..4]);
+    assert_eq!((combiner.counts().fallbacks, combiner.distrusted()), (1, 0));
+    // The next batch with a forgery: no second batch equation wasted, same verdicts.
+    assert_eq!(one_batch(&combiner, &held, &tokens[4..]), expected[4..]);
+    assert_eq!((combiner.counts().fallbacks, combiner.distrusted()), (1, 1));
+
+    // Without the distrust period every forged batch pays the equation and the fallback.
+    let combiner = combiner_with_no_distrust();
+    assert_eq!(one_batch(&combiner, &held, &tokens[..4]), expected[..4]);
+    assert_eq!(one_batch(&combiner, &held, &tokens[4..]), expected[4..]);
+    assert_eq!((combiner.counts().fallbacks, combiner.distrusted()), (2, 0));
+}
+
+fn combiner_with_no_distrust() -> Combiner {
+    let combiner = combiner(64, MAX_VERIFY_BATCH_WINDOW);
+    combiner.set_distrust_for(Duration::ZERO);
+    combiner
+}
