@@ -133,10 +133,8 @@ pub(crate) enum ServiceError {
         "node id {0:?} is held by a live watch stream: give every verifier its own --node-id (a restarted node gets its id back once the old stream is gone, within 15s)"
     )]
     NodeIdTaken(String),
-    #[error(
-        "the client certificate names no node: give it a DNS subjectAltName of 1 to 128 characters from A-Z a-z 0-9 . _ : -"
-    )]
-    CertificateNamesNoNode,
+    #[error(transparent)]
+    CertificateNamesNoNode(#[from] keyfleet_runtime::tls::CertificateNamesNoNode),
     /// A transport-level refusal (a message over the size limit, a broken stream), passed on.
     #[error("{}", .0.message())]
     Status(Status),
@@ -164,7 +162,7 @@ impl From<ServiceError> for Status {
             | ServiceError::WatchersFull(_) => Status::resource_exhausted(message),
             ServiceError::NodeUnauthenticated => Status::unauthenticated(message),
             ServiceError::NodeIdTaken(_) => Status::already_exists(message),
-            ServiceError::CertificateNamesNoNode => Status::permission_denied(message),
+            ServiceError::CertificateNamesNoNode(_) => Status::permission_denied(message),
             ServiceError::Status(status) => status,
         }
     }
@@ -202,7 +200,10 @@ mod tests {
             ),
             (ServiceError::NodeUnauthenticated, Code::Unauthenticated),
             (ServiceError::NodeIdTaken("n".into()), Code::AlreadyExists),
-            (ServiceError::CertificateNamesNoNode, Code::PermissionDenied),
+            (
+                ServiceError::CertificateNamesNoNode(keyfleet_runtime::tls::CertificateNamesNoNode),
+                Code::PermissionDenied,
+            ),
         ];
         for (err, code) in cases {
             let status = Status::from(err);

@@ -13,14 +13,15 @@ use keyfleet_proto::encoded::authority_server::Authority;
 use keyfleet_proto::v1 as pb;
 use keyfleet_proto::wire::EncodedSnapshot;
 use keyfleet_runtime::CancellationToken;
-use tonic::transport::CertificateDer;
+use keyfleet_runtime::credentials::Verdict;
+use keyfleet_runtime::tls::certified_node_id;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::admin::AdminToken;
 use crate::authority::AuthorityState;
 use crate::error::ServiceError;
-use crate::guard::{AdminGuard, Verdict};
+use crate::guard::AdminGuard;
 use crate::metrics::Credential;
 
 /// Largest message the authority decodes. Its requests are small (a hello, an ack, a token
@@ -130,12 +131,7 @@ impl AuthorityService {
     ) -> Result<Admitted<Streaming<pb::WatchJwksRequest>>, ServiceError> {
         self.credential(&request, &self.shared.node, Credential::Node, "WatchJwks")?;
         let peer = request.remote_addr();
-        let certified = match request.peer_certs() {
-            Some(certs) if !certs.is_empty() => {
-                Some(certified_node_id(&certs).ok_or(ServiceError::CertificateNamesNoNode)?)
-            }
-            _ => None,
-        };
+        let certified = certified_node_id(request.peer_certs().as_deref().map(Vec::as_slice))?;
         let slot = self
             .shared
             .slots
@@ -204,14 +200,6 @@ impl AuthorityService {
 /// A peer address for a log line.
 fn peer_name(peer: Option<SocketAddr>) -> String {
     peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
-}
-
-/// The node a client certificate names: its first DNS subjectAltName, when that is a valid
-/// node id. The certificate has already been verified against `--tls-client-ca`.
-fn certified_node_id(certs: &[CertificateDer<'static>]) -> Option<String> {
-    let leaf = webpki::EndEntityCert::try_from(certs.first()?).ok()?;
-    let name = leaf.valid_dns_names().next()?;
-    is_valid_label(name).then(|| name.to_owned())
 }
 
 #[tonic::async_trait]

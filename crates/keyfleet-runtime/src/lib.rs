@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod clock;
+pub mod credentials;
 pub mod limits;
 pub mod metrics_bridge;
 pub mod rpc_trace;

@@ -252,6 +252,38 @@ impl ClientTls {
     }
 }
 
+/// A verified client certificate that names no node (see [`certified_node_id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the client certificate names no node: give it a DNS subjectAltName of 1 to 128 characters from A-Z a-z 0-9 . _ : -"
+)]
+pub struct CertificateNamesNoNode;
+
+/// The node a watcher's client certificate names, on a listener with mutual TLS (the
+/// certificate has already been verified against `--tls-client-ca`): its first DNS
+/// subjectAltName, which must be a valid node id. `peer_certs` is what the connection presented
+/// (`tonic::Request::peer_certs`): without a certificate, `Ok(None)` (the hello's node id
+/// stands); with one, its name, which overrides the hello's, or [`CertificateNamesNoNode`],
+/// which the caller must refuse (never fall back to the hello's: it would let a certified
+/// caller choose any name).
+pub fn certified_node_id(
+    peer_certs: Option<&[CertificateDer<'_>]>,
+) -> Result<Option<String>, CertificateNamesNoNode> {
+    let Some(leaf) = peer_certs.and_then(<[_]>::first) else {
+        return Ok(None);
+    };
+    let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|_| CertificateNamesNoNode)?;
+    let name = leaf
+        .valid_dns_names()
+        .next()
+        .ok_or(CertificateNamesNoNode)?;
+    if keyfleet_core::is_valid_label(name) {
+        Ok(Some(name.to_owned()))
+    } else {
+        Err(CertificateNamesNoNode)
+    }
+}
+
 /// The TLS side of accepting a connection: a handshake under [`HANDSHAKE_TIMEOUT`], at most
 /// [`MAX_PENDING_HANDSHAKES`] at once (more connections are closed at once). `None` when the
 /// handshake failed, timed out or was not attempted.
@@ -289,5 +321,50 @@ impl Handshaker {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyfleet_testkit::tls::Pki;
+
+    fn leaf(pki: &Pki, names: &[&str]) -> Vec<CertificateDer<'static>> {
+        certs(&pki.client(names).0, "a test certificate").unwrap()
+    }
+
+    #[test]
+    fn a_client_certificate_names_the_node_by_its_first_dns_name() {
+        let pki = Pki::new("fleet CA");
+        let chain = leaf(&pki, &["node-7.fleet", "other.fleet"]);
+        assert_eq!(
+            certified_node_id(Some(&chain)),
+            Ok(Some("node-7.fleet".to_owned()))
+        );
+    }
+
+    #[test]
+    fn without_a_client_certificate_the_hello_names_the_node() {
+        assert_eq!(certified_node_id(None), Ok(None));
+        assert_eq!(certified_node_id(Some(&[])), Ok(None));
+    }
+
+    #[test]
+    fn a_certificate_that_names_no_valid_node_id_is_refused() {
+        let pki = Pki::new("fleet CA");
+        let long = format!("{}.fleet", vec!["n".repeat(60); 3].join("."));
+        for names in [&["192.0.2.7"][..], &["*.fleet"], &[long.as_str()]] {
+            let chain = leaf(&pki, names);
+            assert_eq!(
+                certified_node_id(Some(&chain)),
+                Err(CertificateNamesNoNode),
+                "{names:?}"
+            );
+        }
+        let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])];
+        assert_eq!(
+            certified_node_id(Some(&garbage)),
+            Err(CertificateNamesNoNode)
+        );
     }
 }

@@ -4,7 +4,9 @@
 //! It republishes every version it takes from its source (the source's version numbers and
 //! state, so the same digests and deltas) into a [`Feed`] of its own, serves it with the shared
 //! stream driver ([`keyfleet_feed::watch`]), asks its callers for the fleet credential it sends
-//! upstream itself, and reports the nodes behind it upstream (all after each connect, then what
+//! upstream itself (failed credentials limited per peer address, as at the authority:
+//! [`keyfleet_runtime::credentials`]; with mutual TLS the client certificate names the node, as
+//! at the authority: [`keyfleet_runtime::tls::certified_node_id`]), and reports the nodes behind it upstream (all after each connect, then what
 //! changed) so the authority's gate and `keys list` see them. A relay cut from its source keeps
 //! serving its last state until its own set is older than `--max-stale`; then `GetJwks` and new
 //! streams answer `UNAVAILABLE` and open streams end, so the nodes behind it stop renewing and go
@@ -23,9 +25,10 @@ use keyfleet_feed::{Feed, FeedState, Limits, Published};
 use keyfleet_proto::encoded::authority_server::Authority;
 use keyfleet_proto::v1 as pb;
 use keyfleet_proto::wire::EncodedSnapshot;
+use keyfleet_runtime::credentials::{FailedCredentials, Verdict};
+use keyfleet_runtime::tls::certified_node_id;
 use keyfleet_runtime::{CancellationToken, Clock};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keyset::NodeKeys;
@@ -38,11 +41,6 @@ pub(crate) const MAX_STREAMS_PER_PEER: usize = 1_000;
 /// Largest request the relay decodes: a hello or an ack, or a sub-relay's report
 /// ([`MAX_DOWNSTREAM_PER_MESSAGE`] entries), as the authority.
 pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// Failed credentials answered `UNAUTHENTICATED` in a burst, and per second after it; past that
-/// `RESOURCE_EXHAUSTED`. The right credential is always accepted, so nobody's guesses lock out a
-/// node, and a guess costs one constant-time comparison of a few dozen bytes.
-const FAILURE_BURST: f64 = 20.0;
-const FAILURE_PER_SECOND: f64 = 2.0;
 /// How often the relay checks whether its own set went stale.
 pub(crate) const STALE_CHECK: Duration = Duration::from_secs(1);
 
@@ -75,12 +73,6 @@ struct Streams {
     current: CancellationToken,
 }
 
-/// A token bucket of failed credentials (all callers together: see [`FAILURE_BURST`]).
-struct Failures {
-    tokens: f64,
-    last: Instant,
-}
-
 /// The relay side of a verifier node.
 pub(crate) struct Relay {
     /// Created with the first state the node takes from its source.
@@ -90,7 +82,8 @@ pub(crate) struct Relay {
     owner: Arc<RelayOwner>,
     token: NodeToken,
     slots: Slots,
-    failures: Mutex<Failures>,
+    /// Failed credentials, per peer (as the authority counts them).
+    failures: FailedCredentials,
     keys: Arc<NodeKeys>,
     streams: Mutex<Streams>,
 }
@@ -108,10 +101,7 @@ impl Relay {
             }),
             token,
             slots: Slots::new(MAX_STREAMS, MAX_STREAMS_PER_PEER),
-            failures: Mutex::new(Failures {
-                tokens: FAILURE_BURST,
-                last: Instant::now(),
-            }),
+            failures: FailedCredentials::new(),
             keys,
             streams: Mutex::new(Streams {
                 current: root.child_token(),
@@ -204,36 +194,28 @@ impl Relay {
         Ok((feed, feed.current()))
     }
 
-    /// Checks the fleet credential (the one this relay sends upstream).
+    /// Checks the fleet credential (the one this relay sends upstream), in constant time. A
+    /// failure is charged to the peer's own failure budget, never to anyone else's; past it the
+    /// peer gets `RESOURCE_EXHAUSTED`. The right credential is accepted whatever the address
+    /// failed before, so nobody's guesses lock out a node.
     fn credential<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<(), Status> {
         let presented = request
             .metadata()
             .get("authorization")
             .map(|v| v.as_bytes());
-        if self.token.accepts(presented) {
-            return Ok(());
-        }
-        let within_budget = {
-            let mut f = lock(&self.failures);
-            let now = Instant::now();
-            let refill = now.saturating_duration_since(f.last).as_secs_f64() * FAILURE_PER_SECOND;
-            f.tokens = (f.tokens + refill).min(FAILURE_BURST);
-            f.last = now;
-            let ok = f.tokens >= 1.0;
-            if ok {
-                f.tokens -= 1.0;
+        let peer = request.remote_addr();
+        match self.failures.judge(self.token.accepts(presented), peer) {
+            Verdict::Accepted => Ok(()),
+            Verdict::Refused => {
+                tracing::warn!(peer = ?peer, rpc, "relay: credential refused");
+                Err(Status::unauthenticated(
+                    "watching the JWKS (and its deny lists) through a relay needs the fleet credential: send `authorization: Bearer <token>` with the authority's node token (a verifier takes it from --node-token-file)",
+                ))
             }
-            ok
-        };
-        if !within_budget {
-            return Err(Status::resource_exhausted(
-                "too many failed credentials: wait a few seconds, then retry with the right token",
-            ));
+            Verdict::TooManyFailures => Err(Status::resource_exhausted(
+                "too many failed credentials from this address: wait a few seconds, then retry with the right token",
+            )),
         }
-        tracing::warn!(peer = ?request.remote_addr(), rpc, "relay: credential refused");
-        Err(Status::unauthenticated(
-            "watching the JWKS (and its deny lists) through a relay needs the fleet credential: send `authorization: Bearer <token>` with the authority's node token (a verifier takes it from --node-token-file)",
-        ))
     }
 
     /// Ends every open stream when the relay's own set is stale (their nodes reconnect and are
@@ -290,6 +272,12 @@ impl Authority for RelayService {
         relay.credential(&request, "WatchJwks")?;
         relay.serving()?;
         let peer = request.remote_addr();
+        // With mutual TLS the client certificate names the node, as at the authority.
+        let certified = certified_node_id(request.peer_certs().as_deref().map(Vec::as_slice))
+            .map_err(|refused| {
+                tracing::warn!(peer = ?peer, "relay: watch refused, {refused}");
+                Status::permission_denied(refused.to_string())
+            })?;
         let slot = relay.slots.take(peer.map(|p| p.ip())).map_err(|full| {
             Status::resource_exhausted(match full {
                 Full::Total(n) => {
@@ -316,14 +304,22 @@ impl Authority for RelayService {
                 "watch hello: region must be 1 to 128 characters from A-Z a-z 0-9 . _ : -",
             ));
         }
-        if !is_valid_label(&hello.node_id) {
-            return Err(Status::invalid_argument(
-                "watch hello: node_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - (the verifier's --node-id)",
-            ));
-        }
+        let node_id = match certified {
+            Some(name) => {
+                if !hello.node_id.is_empty() && hello.node_id != name {
+                    tracing::debug!(certificate = %name, hello = %escape_untrusted(&hello.node_id.chars().take(64).collect::<String>()), "relay: the client certificate names the node; the hello's node id is ignored");
+                }
+                name
+            }
+            None if is_valid_label(&hello.node_id) => hello.node_id.clone(),
+            None => {
+                return Err(Status::invalid_argument(
+                    "watch hello: node_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - (the verifier's --node-id)",
+                ));
+            }
+        };
         // Checked again: the hello may have taken seconds.
         let (feed, _) = relay.serving()?;
-        let node_id = hello.node_id.clone();
         let admitted = Admitted {
             inbound,
             hello,

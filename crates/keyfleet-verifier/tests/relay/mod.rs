@@ -489,3 +489,217 @@ fn serve_watch_needs_an_authority_and_the_fleet_credential() {
     let err = no_token.check().unwrap_err();
     assert!(err.to_string().contains("--node-token-file"), "{err}");
 }
+
+/// A channel to `addr` whose connections leave from `source`: on Linux all of 127.0.0.0/8 is
+/// this host, so 127.0.0.2 is another peer address to the relay than 127.0.0.1.
+fn channel_from(source: std::net::IpAddr, addr: std::net::SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector_lazy(tower::service_fn(
+            move |_: tonic::transport::Uri| async move {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::new(source, 0))?;
+                let stream = socket.connect(addr).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            },
+        ))
+}
+
+/// A watch stream through `client` with `token` and a hello naming `node_id`: the sender of its
+/// requests and its messages, or the refusal.
+async fn watch_through(
+    client: &AuthorityClient<Channel>,
+    token: &str,
+    node_id: &str,
+) -> Result<(mpsc::Sender<WatchJwksRequest>, Streaming<JwksSnapshot>), Status> {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(WatchJwksRequest {
+        node_id: node_id.into(),
+        region: "test".into(),
+        accept_deltas: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = client
+        .clone()
+        .watch_jwks(bearer(ReceiverStream::new(rx), token))
+        .await?
+        .into_inner();
+    Ok((tx, stream))
+}
+
+/// Failed credentials are limited per peer at a relay, as at the authority: once one address
+/// has spent its budget on wrong tokens (`GetJwks` and `WatchJwks` alike, answered
+/// RESOURCE_EXHAUSTED), another address is still answered UNAUTHENTICATED for a wrong token and
+/// served for the right one, a node from that address still starts behind the relay, and the
+/// guesser's own address is served the moment it presents the right token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessing_peer_spends_only_its_own_failure_budget_at_a_relay() {
+    let auth = TestAuthority::start().await;
+    let relay = ready_node(relay(&auth)).await;
+    let guesser = AuthorityClient::new(channel_from([127, 0, 0, 2].into(), relay.served.grpc));
+    let wrong = "x".repeat(64);
+    let mut refused = 0;
+    let exhausted = loop {
+        let status = guesser
+            .clone()
+            .get_jwks(bearer(pb::GetJwksRequest {}, &wrong))
+            .await
+            .unwrap_err();
+        if status.code() != Code::Unauthenticated {
+            break status;
+        }
+        refused += 1;
+        assert!(refused <= 1_000, "the guesser is never limited");
+    };
+    assert_eq!(exhausted.code(), Code::ResourceExhausted, "{exhausted:?}");
+    assert!(
+        exhausted.message().contains("this address"),
+        "{exhausted:?}"
+    );
+    assert!(
+        refused >= keyfleet_runtime::credentials::FAILURE_BURST as usize,
+        "a burst of failures is answered UNAUTHENTICATED first: {refused}"
+    );
+    // Watch streams draw from the same budget (a few may be answered UNAUTHENTICATED from what
+    // the bucket refilled meanwhile).
+    let mut watches = 0;
+    let status = loop {
+        let status = watch_through(&guesser, &wrong, "intruder")
+            .await
+            .expect_err("refused");
+        if status.code() != Code::Unauthenticated {
+            break status;
+        }
+        watches += 1;
+        assert!(
+            watches <= 1_000,
+            "the guesser's watch streams are never limited"
+        );
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // Another address (127.0.0.1) has a budget of its own.
+    let neighbour = relay_client(&relay);
+    let status = neighbour
+        .clone()
+        .get_jwks(bearer(pb::GetJwksRequest {}, &wrong))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = watch_through(&neighbour, &wrong, "intruder")
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let full = neighbour
+        .clone()
+        .get_jwks(bearer(pb::GetJwksRequest {}, &auth.node))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!full.keys.is_empty());
+    let url = format!("http://{}", relay.served.grpc);
+    let node = ready_node(verifier(&auth.token_file, url, "node-1")).await;
+    let issued = auth.issue().await;
+    assert_eq!(reason(&node, &issued.token).await, Reason::Ok);
+
+    // The right credential is accepted from the guesser's address too.
+    guesser
+        .clone()
+        .get_jwks(bearer(pb::GetJwksRequest {}, &auth.node))
+        .await
+        .unwrap();
+    let (_tx, mut stream) = watch_through(&guesser, &auth.node, "node-2").await.unwrap();
+    assert!(stream.message().await.unwrap().is_some());
+    node.stop().await;
+    relay.stop().await;
+    auth.served.stop().await;
+}
+
+/// With mutual TLS on the relay, the client certificate names the node behind it, as at the
+/// authority: the hello cannot choose (or take over) another name, and a certificate that names
+/// no node is refused with PERMISSION_DENIED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_at_a_relay_names_the_node_by_its_certificate() {
+    use keyfleet_runtime::tls::{ClientTls, ServerTls};
+    use keyfleet_testkit::tls::Pki;
+
+    let auth = TestAuthority::start().await;
+    let pki = Pki::new("fleet CA");
+    let (cert, key) = pki.server(&["localhost"]);
+    let tls = ServerTls::from_pem(cert, key)
+        .unwrap()
+        .with_client_ca(pki.ca.clone())
+        .unwrap();
+    let relay = spawn_node(Config {
+        tls: Some(tls),
+        ..relay(&auth)
+    })
+    .await;
+    let client_for = |names: &[&str]| {
+        let (cert, key) = pki.client(names);
+        let tls = ClientTls::default()
+            .with_ca(pki.ca.clone())
+            .unwrap()
+            .with_identity(cert, key)
+            .unwrap();
+        let url = format!("https://localhost:{}", relay.served.grpc.port());
+        AuthorityClient::new(
+            keyfleet_runtime::client::endpoint(
+                &url,
+                &tls,
+                &keyfleet_runtime::client::Settings::COMMAND,
+            )
+            .unwrap()
+            .connect_lazy(),
+        )
+    };
+    let node7 = client_for(&["node-7.fleet", "other.fleet"]);
+    eventually("the relay serves the key set", || {
+        let mut client = node7.clone();
+        async move { client.get_jwks(pb::GetJwksRequest {}).await.is_ok() }
+    })
+    .await;
+    let (_node7_tx, mut node7_stream) = watch_through(&node7, &auth.node, "node-1").await.unwrap();
+    assert!(node7_stream.message().await.unwrap().is_some());
+    eventually(
+        "the authority lists node-7.fleet behind the relay",
+        || async {
+            auth.watcher("node-7.fleet")
+                .await
+                .is_some_and(|w| w.via == RELAY && w.connected)
+        },
+    )
+    .await;
+    assert!(
+        auth.watcher("node-1").await.is_none(),
+        "named by the certificate, not the hello"
+    );
+    // Another certificate cannot pose as node-7 by its hello: it is node-8.
+    let node8 = client_for(&["node-8.fleet"]);
+    let (_node8_tx, mut node8_stream) = watch_through(&node8, &auth.node, "node-7.fleet")
+        .await
+        .unwrap();
+    assert!(node8_stream.message().await.unwrap().is_some());
+    eventually(
+        "the authority lists node-8.fleet behind the relay",
+        || async { auth.watcher("node-8.fleet").await.is_some() },
+    )
+    .await;
+    // A second stream with node-7's certificate meets the live one.
+    let status = watch_through(&node7, &auth.node, "x")
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    // A certificate that names no node (an IP address only) is refused.
+    let nameless = client_for(&["192.0.2.7"]);
+    let status = watch_through(&nameless, &auth.node, "node-3")
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("subjectAltName"), "{status:?}");
+    drop((node7_stream, node8_stream));
+    relay.stop().await;
+    auth.served.stop().await;
+}
