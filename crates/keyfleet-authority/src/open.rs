@@ -23,6 +23,10 @@ use crate::keys::{RingState, SecretKey};
 use crate::metrics::Metrics;
 use crate::ring_file::RingFile;
 
+/// gRPC connections the authority keeps for callers other than watchers (admin, `GetJwks`,
+/// health), on top of `--max-watchers`.
+const NON_WATCHER_CONNECTIONS: usize = 1024;
+
 impl Authority {
     /// Loads or creates the key ring and the credentials. Fails without modifying anything on
     /// disk when the configuration is invalid ([`Config::check`]), the KEK is missing or wrong,
@@ -151,7 +155,15 @@ fn shared_state(
         rotation_pending: AtomicBool::new(rotation_pending),
         transport: keyfleet_runtime::serve::Transport {
             tls: config.tls,
-            limits: config.limits,
+            limits: keyfleet_runtime::limits::Limits {
+                // Every watcher holds a connection of its own: room for `--max-watchers` of them
+                // and the callers besides (still fitted to the descriptor limit when serving).
+                max_grpc_connections: config
+                    .limits
+                    .max_grpc_connections
+                    .max(config.max_watchers.saturating_add(NON_WATCHER_CONNECTIONS)),
+                ..config.limits
+            },
             shed: metrics.shed.clone(),
         },
         metrics,
