@@ -385,6 +385,7 @@ pub async fn run(options: FanoutOptions) -> anyhow::Result<FanoutReport> {
     let version_before = admin.list_keys().await?.version;
     let authority_start = measured.authority();
     let relays_start = measured.relays();
+    let client_start = process_sample(std::process::id());
     let change_start = Instant::now();
     let mut changes = Vec::new();
     let mut latencies: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
@@ -456,6 +457,10 @@ pub async fn run(options: FanoutOptions) -> anyhow::Result<FanoutReport> {
     let change_seconds = change_start.elapsed().as_secs_f64();
     let authority_end = measured.authority();
     let relays_end = measured.relays();
+    let client_cpu_ns = match (client_start, process_sample(std::process::id())) {
+        (Some(a), Some(b)) => b.cpu_ns.saturating_sub(a.cpu_ns),
+        _ => 0,
+    };
     let change_phase = fleet.counters().since(&counters_before);
     let version_after = changes.last().map_or(version_before, |c| c.version);
     let versions = fleet.versions_between(version_before, version_after) as u64;
@@ -518,30 +523,33 @@ pub async fn run(options: FanoutOptions) -> anyhow::Result<FanoutReport> {
     }
 
     let direct = o.relays == 0;
+    // Behind relays the authority delivers to the relays only, but still tracks every node
+    // (the relays report them): its memory is per node, its CPU also per node update.
     let authority = tier(
-        authority_before,
-        authority_held,
+        [
+            authority_before,
+            authority_held,
+            authority_start,
+            authority_end,
+        ],
         authority_idle,
-        authority_start,
-        authority_end,
         change_seconds,
-        if direct { held } else { o.relays },
+        held,
         if direct {
             change_phase.messages()
         } else {
             versions * o.relays as u64
         },
+        change_phase.messages(),
         measured.authority.is_some() as usize,
     );
     let relay_tier = (!direct).then(|| {
         tier(
-            relays_before,
-            relays_held,
+            [relays_before, relays_held, relays_start, relays_end],
             relays_idle,
-            relays_start,
-            relays_end,
             change_seconds,
             held,
+            change_phase.messages(),
             change_phase.messages(),
             o.relays,
         )
@@ -581,6 +589,9 @@ pub async fn run(options: FanoutOptions) -> anyhow::Result<FanoutReport> {
         revocations,
         rotations,
         change_seconds,
+        client_cpu_us_per_update: client_cpu_ns as f64
+            / change_phase.messages().max(1) as f64
+            / 1e3,
         reconnect,
         final_version: snapshot.version,
         full_snapshot_bytes: snapshot.encoded_len(),
@@ -730,20 +741,19 @@ async fn reconnect(
     Ok(report)
 }
 
-/// One tier's cost from its samples.
-#[allow(clippy::too_many_arguments)]
+/// One tier's cost from its samples (before the ramp, with every watcher held, at the start
+/// and at the end of the change phase): memory per node of `nodes`, CPU per update it
+/// delivered (`updates`) and per update the nodes received (`node_updates`).
 fn tier(
-    before: Option<ProcessSample>,
-    held: Option<ProcessSample>,
+    samples: [Option<ProcessSample>; 4],
     idle_ns_per_s: f64,
-    start: Option<ProcessSample>,
-    end: Option<ProcessSample>,
     change_seconds: f64,
-    watchers: usize,
+    nodes: usize,
     updates: u64,
+    node_updates: u64,
     processes: usize,
 ) -> TierCost {
-    let (Some(before), Some(held), Some(start), Some(end)) = (before, held, start, end) else {
+    let [Some(before), Some(held), Some(start), Some(end)] = samples else {
         return TierCost {
             updates_delivered: updates,
             ..TierCost::default()
@@ -751,18 +761,19 @@ fn tier(
     };
     let cpu = end.cpu_ns.saturating_sub(start.cpu_ns);
     let net = (cpu as f64 - idle_ns_per_s * change_seconds).max(0.0);
-    let per_update = |ns: f64| ns / updates.max(1) as f64 / 1e3;
+    let per = |ns: f64, n: u64| ns / n.max(1) as f64 / 1e3;
     TierCost {
         processes,
         rss_before_bytes: before.rss_bytes,
         rss_held_bytes: held.rss_bytes,
         rss_per_watcher_bytes: (held.rss_bytes as f64 - before.rss_bytes as f64)
-            / watchers.max(1) as f64,
+            / nodes.max(1) as f64,
         change_cpu_ns: cpu,
         idle_cpu_ns_per_second: idle_ns_per_s,
         updates_delivered: updates,
-        cpu_us_per_update: per_update(cpu as f64),
-        cpu_us_per_update_net_of_idle: per_update(net),
+        cpu_us_per_update: per(cpu as f64, updates),
+        cpu_us_per_update_net_of_idle: per(net, updates),
+        cpu_us_per_node_update: per(cpu as f64, node_updates),
     }
 }
 

@@ -15,7 +15,8 @@ pub struct TierCost {
     /// Resident memory before any watcher connected, and with every watcher held.
     pub rss_before_bytes: u64,
     pub rss_held_bytes: u64,
-    /// `(rss_held - rss_before) / watchers served by this tier`.
+    /// `(rss_held - rss_before) / nodes`: every watcher this tier serves or (the authority,
+    /// behind relays) tracks.
     pub rss_per_watcher_bytes: f64,
     /// CPU over the change phase.
     pub change_cpu_ns: u64,
@@ -27,6 +28,9 @@ pub struct TierCost {
     pub cpu_us_per_update: f64,
     /// The same, less the idle CPU over the change phase's length.
     pub cpu_us_per_update_net_of_idle: f64,
+    /// `change_cpu_ns` per update the watchers received (the same as `cpu_us_per_update`
+    /// for the tier that serves them; for the authority behind relays, its share per node).
+    pub cpu_us_per_node_update: f64,
 }
 
 /// One change and how it reached the fleet.
@@ -97,6 +101,9 @@ pub struct FanoutReport {
     pub rotations: KindSummary,
     /// The change phase's length.
     pub change_seconds: f64,
+    /// This process's CPU (the simulated fleet) per update received in the change phase: on a
+    /// shared machine the clients' share slows the servers down.
+    pub client_cpu_us_per_update: f64,
     pub reconnect: Option<ReconnectReport>,
     /// The authority's newest version at the end, its full snapshot's encoded size and its
     /// deny list's length.
@@ -153,7 +160,7 @@ impl FanoutReport {
                 .is_none_or(|r| r.deltas == r.nodes && r.caught_up_in_one == r.nodes)
     }
 
-    fn tier(out: &mut String, name: &str, t: &TierCost, watchers: &str) {
+    fn tier(out: &mut String, name: &str, t: &TierCost, watchers: usize, per_node: bool) {
         if t.processes == 0 {
             let _ = writeln!(out, "  {name:<15} not measured (no pid to read /proc from)");
             return;
@@ -166,6 +173,13 @@ impl FanoutReport {
             t.updates_delivered,
             t.change_cpu_ns as f64 / 1e9
         );
+        if per_node {
+            let _ = writeln!(
+                out,
+                "  {:<15} {:.2} µs CPU per update a node behind the relays received",
+                "", t.cpu_us_per_node_update
+            );
+        }
         let _ = writeln!(
             out,
             "  {:<15} RSS {} before, {} with {watchers} held: {} per watcher; idle {:.1}% of a core",
@@ -220,22 +234,26 @@ impl FanoutReport {
                 k.p50_ms, k.p99_ms, k.max_ms, k.bytes_per_watcher, k.last_bytes_per_watcher
             );
         }
-        let held = self.held.to_string();
-        let relays = self.relays.to_string();
         Self::tier(
             &mut out,
             "authority",
             &self.authority,
-            if self.relays == 0 { &held } else { &relays },
+            self.held,
+            self.relays > 0,
         );
         if let Some(t) = &self.relay_tier {
-            Self::tier(&mut out, "relay tier", t, &held);
+            Self::tier(&mut out, "relay tier", t, self.held, false);
         }
         let c = &self.change_phase;
         let _ = writeln!(
             out,
-            "  change phase    {:.2} s: {} deltas ({} B), {} full snapshots ({} B)",
-            self.change_seconds, c.delta_messages, c.delta_bytes, c.full_messages, c.full_bytes
+            "  change phase    {:.2} s: {} deltas ({} B), {} full snapshots ({} B); the clients used {:.2} µs CPU per update",
+            self.change_seconds,
+            c.delta_messages,
+            c.delta_bytes,
+            c.full_messages,
+            c.full_bytes,
+            self.client_cpu_us_per_update
         );
         let _ = writeln!(
             out,
