@@ -320,6 +320,11 @@ impl Subscription {
         }
     }
 
+    /// True when the node applies deltas (its hello set `accept_deltas`).
+    pub fn takes_deltas(&self) -> bool {
+        self.deltas
+    }
+
     /// The version the node holds once it has applied everything sent so far.
     pub fn held(&self) -> Option<u64> {
         self.held

@@ -39,6 +39,13 @@ pub const LIVE_WINDOW: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());
 /// from it, so an idle fleet never falls back to pulling the whole set (a verifier pulls every
 /// `--refresh-interval`, 5 min by default, only when its stream delivered nothing since).
 pub const RENEW_IDLE: Duration = Duration::from_secs(60);
+/// A full snapshot larger than this ends the stream that carried it (to a node that takes
+/// deltas), and the node resumes at once on a new stream from the version it now holds. tonic
+/// keeps a stream's send buffer at the size of the largest message it carried for as long as
+/// the stream lives; without this, a deny list of 100,000 entries (~3.2 MB) would cost that
+/// much memory per watcher for good. Smaller snapshots stay within tonic's 8 KiB buffer or
+/// close to it, and keep their stream.
+pub const FULL_ENDS_STREAM_ABOVE: usize = 16 * 1024;
 /// A watch stream must send its hello this soon ([`read_hello`]).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most `WatchJwksRequest.downstream` entries a relay puts in one message: 50 entries with
@@ -678,6 +685,7 @@ where
         subscription,
         ceiling,
         renew: Box::pin(tokio::time::sleep(RENEW_IDLE)),
+        ending: false,
         _slot: slot,
     };
     Ok(Box::pin(futures_util::stream::unfold(driver, Driver::step)))
@@ -735,6 +743,8 @@ struct Driver<O: WatchOwner, S> {
     ceiling: u64,
     /// When an idle stream next tells its node that it still holds the newest version.
     renew: Pin<Box<tokio::time::Sleep>>,
+    /// A full snapshot over [`FULL_ENDS_STREAM_ABOVE`] went out: end the stream cleanly.
+    ending: bool,
     _slot: Option<Slot>,
 }
 
@@ -745,6 +755,12 @@ where
 {
     /// Records what the client says until there is a message to send; `None` ends the stream.
     async fn step(mut self) -> Option<(Result<EncodedSnapshot, Status>, Self)> {
+        if self.ending {
+            debug!(
+                "a large full snapshot was sent: the stream ends, the node resumes on a new one"
+            );
+            return None;
+        }
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return None,
@@ -774,6 +790,9 @@ where
     }
 
     fn send(mut self, message: Message) -> (Result<EncodedSnapshot, Status>, Self) {
+        self.ending = message.full
+            && self.subscription.takes_deltas()
+            && message.bytes.len() > FULL_ENDS_STREAM_ABOVE;
         self.ceiling = message.version;
         self.renew.as_mut().reset(Instant::now() + RENEW_IDLE);
         self.leave.owner.sent(&message);
@@ -1111,6 +1130,44 @@ mod tests {
         assert_eq!(acked(&owner), (2, false));
         assert_eq!(slots.open(), 0, "the slot is freed with the stream");
         assert!(owner.kicks.load(std::sync::atomic::Ordering::Relaxed) > kicks);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_full_snapshot_ends_its_stream_and_the_node_resumes_with_deltas() {
+        let owner = Arc::new(TestOwner::default());
+        let mut state = crate::FeedState::default();
+        for i in 0..2_000 {
+            state
+                .revoked_tokens
+                .insert(format!("Zx{i:06}q7Lw9VbN3kRtY2mP"), 1_900_000_000);
+        }
+        let feed = Feed::new(state.clone(), 7, 0, crate::Limits::default());
+        let slots = Slots::new(10, 10);
+        let stop = CancellationToken::new();
+        let (_acks, first) = admitted("n1", &slots);
+        let mut stream = open(owner.clone(), &feed, stop.clone(), first).unwrap();
+        let full = stream.next().await.unwrap().unwrap();
+        assert!(full.len() > FULL_ENDS_STREAM_ABOVE);
+        assert!(stream.next().await.is_none(), "the stream ends after it");
+        assert_eq!(slots.open(), 0);
+        // The node resumes from what it holds: a small message, and the stream stays.
+        let (_acks, mut again) = admitted("n1", &slots);
+        again.hello.acked_version = 7;
+        again.hello.held_digest = state.digest().to_vec();
+        let mut stream = open(owner.clone(), &feed, stop.clone(), again).unwrap();
+        let current = stream.next().await.unwrap().unwrap();
+        assert!(current.len() < 128);
+        let mut newer = state.clone();
+        newer.revoked_kids.insert("k".into());
+        feed.publish(newer, 8, 0);
+        let delta = stream.next().await.unwrap().unwrap().decode().unwrap();
+        assert_eq!(delta.delta.unwrap().base_version, 7);
+        // A node that predates deltas keeps its stream whatever the size: it could not resume.
+        let (_acks, mut old) = admitted("n2", &slots);
+        old.hello.accept_deltas = false;
+        let mut stream = open(owner, &feed, stop, old).unwrap();
+        assert!(stream.next().await.unwrap().unwrap().len() > FULL_ENDS_STREAM_ABOVE);
+        idle(&mut stream).await;
     }
 
     #[tokio::test(start_paused = true)]

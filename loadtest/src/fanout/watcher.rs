@@ -476,7 +476,12 @@ impl Fleet {
             };
             let c = &self.counters;
             match (&outcome, opened) {
-                (Ok(()), _) => {
+                // The server ends a stream after a large full snapshot; resume at once.
+                (Ok(true), _) => {
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
+                (Ok(false), _) => {
                     c.stream_errors.fetch_add(1, Ordering::Relaxed);
                     self.note_error(format!(
                         "{}: the server ended the stream",
@@ -522,7 +527,7 @@ impl Fleet {
         channel: &Channel,
         opening: &Semaphore,
         opened: &mut bool,
-    ) -> Result<(), Status> {
+    ) -> Result<bool, Status> {
         let mut permit = Some(
             opening
                 .acquire()
@@ -558,11 +563,14 @@ impl Fleet {
             .into_inner();
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether the last message was one after which the server ends the stream (a full
+        // snapshot over `FULL_ENDS_STREAM_ABOVE`); the result says so: true, resume at once.
+        let mut last_was_large = false;
         loop {
             let bytes = tokio::select! {
                 message = stream.message() => match message? {
                     Some(bytes) => bytes,
-                    None => return Ok(()),
+                    None => return Ok(last_was_large),
                 },
                 _ = heartbeat.tick() => {
                     // A full queue already holds messages that tell the same.
@@ -572,6 +580,7 @@ impl Fleet {
             };
             *opened = true;
             permit.take();
+            last_was_large = bytes.len() > keyfleet_feed::watch::FULL_ENDS_STREAM_ABOVE;
             match self.receive(index, bytes) {
                 Ok(version) => {
                     acked = version;

@@ -85,6 +85,7 @@ impl Verifier {
     async fn watch_loop(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
         let mut tracked = None;
+        let mut resumed_after_full = false;
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -92,7 +93,16 @@ impl Verifier {
             };
             self.inner.keys.watching.store(false, Ordering::Release);
             match outcome {
-                StreamEnd::Closed => {
+                // Once in a row: a source that ends every stream after a full snapshot gets the
+                // backoff like any other ending.
+                StreamEnd::AfterFull if !resumed_after_full => {
+                    resumed_after_full = true;
+                    tracing::debug!(
+                        "the source ended the stream after a large full snapshot; resuming from it"
+                    );
+                    continue;
+                }
+                StreamEnd::Closed | StreamEnd::AfterFull => {
                     tracing::info!("the authority ended the jwks stream; reconnecting")
                 }
                 StreamEnd::Failed(status) => {
@@ -107,6 +117,7 @@ impl Verifier {
                     );
                 }
             }
+            resumed_after_full = false;
             let delay = backoff.next();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -156,10 +167,12 @@ impl Verifier {
         };
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_was_full = false;
         loop {
             let snapshot = tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(snapshot)) => snapshot,
+                    Ok(None) if last_was_full => return StreamEnd::AfterFull,
                     Ok(None) => return StreamEnd::Closed,
                     Err(status) => return StreamEnd::Failed(status),
                 },
@@ -195,6 +208,7 @@ impl Verifier {
                 }
             };
             let version = snapshot.version;
+            last_was_full = snapshot.delta.is_none();
             let applied = match self.receive(snapshot, tracked).await {
                 Ok(applied) => applied,
                 Err(why) => return StreamEnd::Resync(why),
@@ -358,6 +372,10 @@ struct Tracked {
 enum StreamEnd {
     /// The source closed it.
     Closed,
+    /// The source closed it right after a full snapshot: it does so after a large one
+    /// (`keyfleet_feed::watch::FULL_ENDS_STREAM_ABOVE`) so that the stream's buffer is freed;
+    /// the node resumes at once from the version it now holds.
+    AfterFull,
     Failed(Status),
     /// A delta did not fit the state held: reconnect without it, for a full snapshot.
     Resync(Resync),

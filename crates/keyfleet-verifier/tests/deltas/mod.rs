@@ -305,7 +305,9 @@ async fn a_delta_stream_gives_the_verdicts_of_full_snapshots() {
 async fn a_node_that_missed_one_change_resumes_with_one_delta() {
     let (a, b) = (key(1), key(2));
     let mut snap = snapshot(1, &[&a]);
-    snap.revoked_tokens = (0..1000)
+    // A set worth not sending twice, yet under `FULL_ENDS_STREAM_ABOVE` (a larger full snapshot
+    // ends its stream at once, and the node resumes from it: a second hello).
+    snap.revoked_tokens = (0..300)
         .map(|i| pb::RevokedToken {
             jti: format!("old-{i}"),
             until: NOW + 3600,
@@ -350,6 +352,49 @@ async fn a_node_that_missed_one_change_resumes_with_one_delta() {
     assert_eq!(
         counter(&node, "keyfleet_jwks_updates_total{kind=\"delta\"}").await,
         1.0
+    );
+    node.stop().await;
+}
+
+/// A full snapshot too large to keep in a stream's send buffer (a long deny list) ends the
+/// stream that carried it; the node resumes at once from the version it now holds, and the new
+/// stream carries only the small "you hold the newest" message and deltas after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_large_full_snapshot_the_node_resumes_on_a_new_stream() {
+    let (a, b) = (key(1), key(2));
+    let mut snap = snapshot(1, &[&a]);
+    snap.revoked_tokens = (0..2000)
+        .map(|i| pb::RevokedToken {
+            jti: format!("old-{i}"),
+            until: NOW + 3600,
+        })
+        .collect();
+    let upstream = FeedUpstream::start(&snap).await;
+    let node = ready_node(push_only(upstream.source())).await;
+    eventually("the resumed stream is up", || async {
+        upstream.hellos().len() == 2 && upstream.connected() == 1
+    })
+    .await;
+    let resume = &upstream.hellos()[1];
+    assert_eq!(resume.acked_version, 1);
+    assert_eq!(resume.held_digest, state_of(&snap).digest().to_vec());
+    snap.version = 2;
+    snap.keys.push(b.pb());
+    upstream.publish(&snap);
+    eventually("version 2 as a delta", || async {
+        node.metric("keyfleet_jwks_version ").await == Some(2.0)
+    })
+    .await;
+    check(&node, "the new key", &token(&b, NOW), "", Reason::Ok).await;
+    assert_eq!(
+        upstream.sent(),
+        vec![(1, true), (1, false), (2, false)],
+        "the whole set once, then only small messages"
+    );
+    assert_eq!(
+        upstream.hellos().len(),
+        2,
+        "no reconnect beyond the one resume"
     );
     node.stop().await;
 }
