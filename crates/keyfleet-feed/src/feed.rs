@@ -136,16 +136,19 @@ fn delta_message(
     }
 }
 
+/// `state`'s messages at `version`; `full` and `digest` from [`FeedState::snapshot_and_digest`].
+#[allow(clippy::too_many_arguments)]
 fn publish_version(
     state: FeedState,
+    full: &JwksSnapshot,
+    digest: Digest,
     version: u64,
     generated_at: i64,
     log: Arc<VecDeque<Arc<Change>>>,
     log_bytes: usize,
     epoch: u64,
 ) -> Published {
-    let digest = state.digest();
-    let full = EncodedSnapshot::encode(&state.snapshot(version, generated_at));
+    let full = EncodedSnapshot::encode(full);
     let public = EncodedSnapshot::encode(&JwksSnapshot {
         version,
         issuer: state.issuer.clone(),
@@ -182,7 +185,17 @@ fn publish_version(
 impl Feed {
     /// A feed starting at `state`, `version`, with an empty change log.
     pub fn new(state: FeedState, version: u64, generated_at: i64, limits: Limits) -> Feed {
-        let first = publish_version(state, version, generated_at, Arc::default(), 0, 0);
+        let (full, digest) = state.snapshot_and_digest(version, generated_at);
+        let first = publish_version(
+            state,
+            &full,
+            digest,
+            version,
+            generated_at,
+            Arc::default(),
+            0,
+            0,
+        );
         Feed {
             tx: watch::Sender::new(Arc::new(first)),
             limits,
@@ -202,10 +215,10 @@ impl Feed {
         if version == previous.version && state == previous.state {
             return;
         }
+        let (full, digest) = state.snapshot_and_digest(version, generated_at);
         let mut epoch = previous.epoch;
         let (log, log_bytes) = if version > previous.version {
             let delta = previous.state.diff(&state, previous.version);
-            let digest = state.digest();
             let bytes = EncodedSnapshot::encode(&delta_message(
                 &previous.state,
                 &state,
@@ -235,6 +248,8 @@ impl Feed {
         };
         self.tx.send_replace(Arc::new(publish_version(
             state,
+            &full,
+            digest,
             version,
             generated_at,
             log,

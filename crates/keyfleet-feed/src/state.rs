@@ -43,11 +43,21 @@ impl FeedState {
 
     /// The full snapshot of this state at `version`, with its digest.
     pub fn snapshot(&self, version: u64, generated_at: i64) -> JwksSnapshot {
+        self.snapshot_and_digest(version, generated_at).0
+    }
+
+    /// [`FeedState::snapshot`] and the digest it carries, the state encoded once for both.
+    pub(crate) fn snapshot_and_digest(
+        &self,
+        version: u64,
+        generated_at: i64,
+    ) -> (JwksSnapshot, Digest) {
         let mut snapshot = self.canonical();
+        let digest = digest_of(&snapshot);
         snapshot.version = version;
         snapshot.generated_at = generated_at;
-        snapshot.digest = self.digest().to_vec();
-        snapshot
+        snapshot.digest = digest.to_vec();
+        (snapshot, digest)
     }
 
     /// The state as a `JwksSnapshot` with only fields 2–6 set, in canonical order (keys by kid,
@@ -75,7 +85,7 @@ impl FeedState {
     /// jti) and `active_kid` set and every other field at its default, fields written in field
     /// number order as every protobuf encoder does for these messages.
     pub fn digest(&self) -> Digest {
-        Sha256::digest(prost::Message::encode_to_vec(&self.canonical())).into()
+        digest_of(&self.canonical())
     }
 
     /// What changed from `self` to `newer`, as a delta applying to `base_version` (the
@@ -151,6 +161,10 @@ impl FeedState {
             active_kid.clone_into(&mut self.active_kid);
         }
     }
+}
+
+fn digest_of(canonical: &JwksSnapshot) -> Digest {
+    Sha256::digest(prost::Message::encode_to_vec(canonical)).into()
 }
 
 /// True when a delta changes nothing.
