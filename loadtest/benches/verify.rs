@@ -105,6 +105,7 @@ fn node(c: &mut Criterion) {
         .map(|t| VerifyRequest {
             token: t.clone(),
             audience: "orders".into(),
+            ..Default::default()
         })
         .collect();
 

@@ -43,13 +43,13 @@ fn main() -> anyhow::Result<()> {
         }
         // Warm up the connection and the code paths.
         for t in tokens.iter().take(20) {
-            node.verify(VerifyRequest { token: t.clone(), audience: "flood".into() }).await?;
+            node.verify(VerifyRequest { token: t.clone(), audience: "flood".into(), ..Default::default() }).await?;
         }
 
         let cpu0 = threads_cpu_ns(SERVER_THREADS).unwrap_or(0);
         let mut valid = 0;
         for t in &tokens {
-            valid += node.verify(VerifyRequest { token: t.clone(), audience: "flood".into() }).await?.into_inner().valid as usize;
+            valid += node.verify(VerifyRequest { token: t.clone(), audience: "flood".into(), ..Default::default() }).await?.into_inner().valid as usize;
         }
         let real_ns = threads_cpu_ns(SERVER_THREADS).unwrap_or(0) - cpu0;
 
@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         let cpu0 = threads_cpu_ns(SERVER_THREADS).unwrap_or(0);
         let mut refused = 0;
         for _ in 0..count {
-            match node.verify(VerifyRequest { token: junk.clone(), audience: String::new() }).await {
+            match node.verify(VerifyRequest { token: junk.clone(), audience: String::new(), ..Default::default() }).await {
                 Err(_) => refused += 1,
                 Ok(r) => anyhow::ensure!(!r.into_inner().valid, "a junk token was accepted"),
             }
@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         let junk_ns = threads_cpu_ns(SERVER_THREADS).unwrap_or(0) - cpu0;
         let rss_after = rss_bytes().unwrap_or(0);
         // The node still serves.
-        let ok = node.verify(VerifyRequest { token: tokens[0].clone(), audience: "flood".into() }).await?.into_inner().valid;
+        let ok = node.verify(VerifyRequest { token: tokens[0].clone(), audience: "flood".into(), ..Default::default() }).await?.into_inner().valid;
 
         println!("real verifies   {count} ({valid} valid): {:.1} µs server CPU each", real_ns as f64 / count as f64 / 1e3);
         println!("1 MiB junk      {count} ({refused} refused by the transport): {:.1} µs server CPU each", junk_ns as f64 / count as f64 / 1e3);

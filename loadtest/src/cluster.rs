@@ -341,6 +341,7 @@ impl LocalCluster {
                 let probe = VerifyRequest {
                     token: "probe".into(),
                     audience: String::new(),
+                    ..Default::default()
                 };
                 if client.verify(probe).await.is_ok() {
                     break;

@@ -21,6 +21,7 @@ async fn verify_on(url: &str, token: &str) -> VerifyResponse {
     c.verify(VerifyRequest {
         token: token.into(),
         audience: "orders".into(),
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -98,6 +99,7 @@ async fn rotations_under_load_cost_no_false_rejects() {
                     .verify(VerifyRequest {
                         token,
                         audience: "orders".into(),
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -390,6 +392,7 @@ async fn cache_and_batch_answers_equal_the_plain_path() {
                 .verify(VerifyRequest {
                     token: t.clone(),
                     audience: "orders".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -401,6 +404,7 @@ async fn cache_and_batch_answers_equal_the_plain_path() {
             .map(|t| VerifyRequest {
                 token: t.clone(),
                 audience: "orders".into(),
+                ..Default::default()
             })
             .collect();
         let batch = c

@@ -169,6 +169,8 @@ pub struct KeySet {
     ambiguous: HashSet<String>,
     revoked_kids: HashSet<String>,
     revoked_tokens: HashMap<String, UnixSeconds>,
+    /// Ended sessions (`sid` → until): their access tokens are refused with SESSION_REVOKED.
+    revoked_sessions: HashMap<String, UnixSeconds>,
 }
 
 impl KeySet {
@@ -210,6 +212,15 @@ impl KeySet {
         (set, rejected)
     }
 
+    /// The set with `revoked_sessions` (`sid`, until) as its session deny list.
+    pub fn with_revoked_sessions(
+        mut self,
+        revoked_sessions: impl IntoIterator<Item = (String, UnixSeconds)>,
+    ) -> KeySet {
+        self.revoked_sessions = revoked_sessions.into_iter().collect();
+        self
+    }
+
     pub fn key(&self, kid: &str) -> Option<&VerifyingKey> {
         self.keys.get(kid)
     }
@@ -225,6 +236,14 @@ impl KeySet {
             .get(jti)
             .is_some_and(|until| now <= *until)
     }
+    /// True while session `sid` is on the deny list at `now`.
+    pub fn is_session_revoked(&self, sid: &str, now: UnixSeconds) -> bool {
+        !self.revoked_sessions.is_empty()
+            && self
+                .revoked_sessions
+                .get(sid)
+                .is_some_and(|until| now <= *until)
+    }
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -239,6 +258,9 @@ impl KeySet {
     }
     pub fn revoked_tokens(&self) -> impl Iterator<Item = (&str, UnixSeconds)> {
         self.revoked_tokens.iter().map(|(j, u)| (j.as_str(), *u))
+    }
+    pub fn revoked_sessions(&self) -> impl Iterator<Item = (&str, UnixSeconds)> {
+        self.revoked_sessions.iter().map(|(s, u)| (s.as_str(), *u))
     }
 }
 

@@ -20,8 +20,8 @@ pub use ring::{
     KeyRing, KeyState, NewKey, RingError, RingPolicy,
 };
 pub use token::{
-    DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, Policy, TokenClaims, Verified, sign_token,
-    validate, validate_with,
+    DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, Demands, Policy, TokenClaims, Verified,
+    check_demands, sign_token, validate, validate_with,
 };
 
 /// Unix time in whole seconds, the unit of every JWT time claim.

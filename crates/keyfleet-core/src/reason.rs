@@ -19,11 +19,17 @@ pub enum Reason {
     TooLarge,
     /// The node cannot decide (for example its key set is too old): never a valid verdict.
     Unavailable,
+    /// The token's session (`sid`) was ended (logout, revoke-all, refresh-token reuse).
+    SessionRevoked,
+    /// The caller's required scopes are not all in the token's `scope`.
+    InsufficientScope,
+    /// The login behind the token (`auth_time`) is older than the caller allows, or unknown.
+    LoginTooOld,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-register one series per reason.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Ok,
         Reason::Malformed,
         Reason::UnsupportedAlgorithm,
@@ -37,6 +43,9 @@ impl Reason {
         Reason::TokenRevoked,
         Reason::TooLarge,
         Reason::Unavailable,
+        Reason::SessionRevoked,
+        Reason::InsufficientScope,
+        Reason::LoginTooOld,
     ];
 
     /// The proto enum name, used in JSON output and metric labels.
@@ -55,6 +64,9 @@ impl Reason {
             Reason::TokenRevoked => "TOKEN_REVOKED",
             Reason::TooLarge => "TOO_LARGE",
             Reason::Unavailable => "UNAVAILABLE",
+            Reason::SessionRevoked => "SESSION_REVOKED",
+            Reason::InsufficientScope => "INSUFFICIENT_SCOPE",
+            Reason::LoginTooOld => "LOGIN_TOO_OLD",
         }
     }
 

@@ -213,6 +213,73 @@ pub fn validate_with<'t>(
     check_claims(kid, claims, keys, now, policy, audience).map_err(with_kid)
 }
 
+/// What a caller may demand of a valid token beyond the node's policy, per request: scopes
+/// (`VerifyRequest.required_scopes`) and a recent login (`max_auth_age_seconds`). Checked after
+/// [`validate`] accepted the token (and after a cache hit), so a cached verdict never stands
+/// for another request's demands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Demands<'a> {
+    /// Each must be in the token's space-separated `scope` claim (RFC 9068).
+    pub required_scopes: &'a [String],
+    /// When > 0, `now - auth_time` may not exceed it, and `auth_time` must be present.
+    pub max_auth_age: i64,
+}
+
+impl Demands<'_> {
+    /// True when nothing is demanded (the common case: no claim needs looking at).
+    pub fn is_empty(&self) -> bool {
+        self.required_scopes.is_empty() && self.max_auth_age <= 0
+    }
+}
+
+/// Checks `demands` against a valid token's claims at `now`: INSUFFICIENT_SCOPE or
+/// LOGIN_TOO_OLD (with the RFC 9470 hint `max_age=N` in the detail), else `Ok`.
+pub fn check_demands(
+    claims: &Map<String, Value>,
+    demands: &Demands<'_>,
+    now: UnixSeconds,
+) -> Result<(), Refusal> {
+    if !demands.required_scopes.is_empty() {
+        let granted = match claims.get("scope") {
+            Some(Value::String(s)) => s.as_str(),
+            _ => "",
+        };
+        if let Some(missing) = demands.required_scopes.iter().find(|wanted| {
+            !granted
+                .split(' ')
+                .any(|g| !g.is_empty() && g == wanted.as_str())
+        }) {
+            return Err(refuse(
+                Reason::InsufficientScope,
+                format!(
+                    "scope \"{}\" is not granted to this token",
+                    crate::label::escape_untrusted(missing)
+                ),
+            ));
+        }
+    }
+    if demands.max_auth_age > 0 {
+        let max = demands.max_auth_age;
+        let auth_time = match claims.get("auth_time") {
+            Some(Value::Number(n)) => n.as_f64().filter(|t| t.is_finite()),
+            _ => None,
+        };
+        let Some(auth_time) = auth_time else {
+            return Err(refuse(
+                Reason::LoginTooOld,
+                format!("the token has no auth_time; log in again (max_age={max})"),
+            ));
+        };
+        if now as f64 - auth_time > max as f64 {
+            return Err(refuse(
+                Reason::LoginTooOld,
+                format!("the login is older than {max} s; log in again (max_age={max})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The one signature check: strict Ed25519 (canonical `S`, no small-order `R` or weak key).
 pub fn verify_signature(key: &VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
     let Ok(sig) = <[u8; 64]>::try_from(signature) else {
@@ -362,6 +429,18 @@ fn check_claims(
     }
     if !jti.is_empty() && keys.is_token_revoked(&jti, now) {
         return Err(refuse(Reason::TokenRevoked, "this token was revoked"));
+    }
+    match claims.get("sid") {
+        None => {}
+        Some(Value::String(sid)) => {
+            if keys.is_session_revoked(sid, now) {
+                return Err(refuse(
+                    Reason::SessionRevoked,
+                    "the token's session was ended (logout, revocation or a reused refresh token)",
+                ));
+            }
+        }
+        Some(_) => return Err(refuse(Reason::Malformed, "sid is not a string")),
     }
     Ok(Verified {
         kid: kid.to_owned(),

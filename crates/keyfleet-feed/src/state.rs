@@ -93,6 +93,9 @@ impl FeedState {
     pub fn diff(&self, newer: &FeedState, base_version: u64) -> JwksDelta {
         JwksDelta {
             base_version,
+            // Sessions travel once the session deny list is part of the state (issue 15).
+            revoked_sessions_added: Vec::new(),
+            revoked_sessions_dropped: Vec::new(),
             upserted_keys: newer
                 .keys
                 .iter()

@@ -75,6 +75,7 @@ async fn call(url: &str, tls: &ClientTls) -> Result<String, Status> {
         .verify(VerifyRequest {
             token: "t".into(),
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().kid)

@@ -373,4 +373,39 @@ impl Authority for RelayService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         Err(relay_only("ListKeys"))
     }
+
+    async fn start_session(
+        &self,
+        _: Request<pb::StartSessionRequest>,
+    ) -> Result<Response<pb::SessionTokens>, Status> {
+        Err(relay_only("StartSession"))
+    }
+
+    async fn refresh(
+        &self,
+        _: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::SessionTokens>, Status> {
+        Err(relay_only("Refresh"))
+    }
+
+    async fn end_session(
+        &self,
+        _: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        Err(relay_only("EndSession"))
+    }
+
+    async fn revoke_subject(
+        &self,
+        _: Request<pb::RevokeSubjectRequest>,
+    ) -> Result<Response<pb::RevokeSubjectResponse>, Status> {
+        Err(relay_only("RevokeSubject"))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        Err(relay_only("ListSessions"))
+    }
 }

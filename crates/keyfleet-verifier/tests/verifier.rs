@@ -203,6 +203,41 @@ impl Authority for FakeService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn start_session(
+        &self,
+        _: Request<pb::StartSessionRequest>,
+    ) -> Result<Response<pb::SessionTokens>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn refresh(
+        &self,
+        _: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::SessionTokens>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn end_session(
+        &self,
+        _: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn revoke_subject(
+        &self,
+        _: Request<pb::RevokeSubjectRequest>,
+    ) -> Result<Response<pb::RevokeSubjectResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 struct FakeAuthority {
@@ -360,6 +395,7 @@ impl Node {
         let request = VerifyRequest {
             token: token.into(),
             audience: audience.into(),
+            ..Default::default()
         };
         self.client
             .clone()

@@ -209,6 +209,7 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             let req = VerifyRequest {
                 token,
                 audience: audience.unwrap_or_default(),
+                ..Default::default()
             };
             let r = client
                 .verify(req)

@@ -108,6 +108,7 @@ pub(super) async fn measure_cost(
         let req = VerifyRequest {
             token: v1[i % v1.len()].clone(),
             audience: aud.clone(),
+            ..Default::default()
         };
         Some(async move { c.verify(req).await.map(|_| 1).unwrap_or(0) })
     })
@@ -126,6 +127,7 @@ pub(super) async fn measure_cost(
             .map(|k| VerifyRequest {
                 token: v2[(i * BATCH + k) % v2.len()].clone(),
                 audience: aud.clone(),
+                ..Default::default()
             })
             .collect();
         Some(async move {
@@ -159,6 +161,7 @@ pub(super) async fn measure_cost(
             let req = VerifyRequest {
                 token,
                 audience: aud.clone(),
+                ..Default::default()
             };
             Some(async move { c.verify(req).await.map(|_| 1).unwrap_or(0) })
         })
@@ -278,6 +281,7 @@ fn inprocess(
         .map(|t| VerifyRequest {
             token: t.clone(),
             audience: audience.to_owned(),
+            ..Default::default()
         })
         .collect();
     rt.block_on(async {

@@ -27,6 +27,7 @@ impl Shared {
             let req = VerifyRequest {
                 token: token.token.clone(),
                 audience: self.audience.clone(),
+                ..Default::default()
             };
             match self.client(node).verify(req).await {
                 Ok(r) => {

@@ -110,6 +110,7 @@ async fn stalled_verify_requests_do_not_shut_out_a_separate_client() {
             .verify(VerifyRequest {
                 token: token.clone(),
                 audience: audience.clone(),
+                ..Default::default()
             })
             .await
             .expect("the honest client's call succeeds");
@@ -215,7 +216,11 @@ async fn slowloris_and_silent_connections_are_closed_and_starve_nothing() {
     let mut client = VerifierClient::new(channel(&node.grpc_url()).await.unwrap());
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
-        client.verify(VerifyRequest { token, audience }),
+        client.verify(VerifyRequest {
+            token,
+            audience,
+            ..Default::default()
+        }),
     )
     .await
     .expect("Verify answers while 1,000 slowloris connections are open")

@@ -250,6 +250,9 @@ fn to_proto(reason: Reason) -> pb::Reason {
         Reason::TokenRevoked => pb::Reason::TokenRevoked,
         Reason::TooLarge => pb::Reason::TooLarge,
         Reason::Unavailable => pb::Reason::Unavailable,
+        Reason::SessionRevoked => pb::Reason::SessionRevoked,
+        Reason::InsufficientScope => pb::Reason::InsufficientScope,
+        Reason::LoginTooOld => pb::Reason::LoginTooOld,
     }
 }
 

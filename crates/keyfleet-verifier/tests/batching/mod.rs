@@ -449,7 +449,11 @@ async fn batches_form_over_a_real_grpc_socket() {
             let mut client = client.clone();
             tokio::spawn(async move {
                 client
-                    .verify(VerifyRequest { token, audience })
+                    .verify(VerifyRequest {
+                        token,
+                        audience,
+                        ..Default::default()
+                    })
                     .await
                     .unwrap()
                     .into_inner()
@@ -507,6 +511,7 @@ async fn the_window_never_delays_a_lone_request() {
             let request = VerifyRequest {
                 token: token.clone(),
                 audience: String::new(),
+                ..Default::default()
             };
             client.verify(request).await.unwrap().into_inner()
         };

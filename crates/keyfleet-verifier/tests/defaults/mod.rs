@@ -173,6 +173,7 @@ async fn a_token_must_name_one_of_the_node_audiences_in_every_path() {
         .map(|(_, aud, asked, _, _)| VerifyRequest {
             token: aud_token(&a, "batch", aud),
             audience: (*asked).into(),
+            ..Default::default()
         })
         .collect();
     for round in ["cold batch", "warm batch"] {

@@ -119,6 +119,41 @@ impl encoded::Authority for FeedService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn start_session(
+        &self,
+        _: Request<pb::StartSessionRequest>,
+    ) -> Result<Response<pb::SessionTokens>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn refresh(
+        &self,
+        _: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::SessionTokens>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn end_session(
+        &self,
+        _: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn revoke_subject(
+        &self,
+        _: Request<pb::RevokeSubjectRequest>,
+    ) -> Result<Response<pb::RevokeSubjectResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// A source serving the real feed, as the authority and relays do.

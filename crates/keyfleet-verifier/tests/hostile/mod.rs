@@ -37,6 +37,7 @@ async fn hostile_corpus_through_a_real_node() {
                 let request = VerifyRequest {
                     token: case["token"].as_str().unwrap().to_owned(),
                     audience: case["audience"].as_str().unwrap().to_owned(),
+                    ..Default::default()
                 };
                 tokio::spawn(async move { client.verify(request).await.map(Response::into_inner) })
             })

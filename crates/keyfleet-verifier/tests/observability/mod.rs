@@ -152,6 +152,7 @@ fn verify_span_joins_the_callers_trace_and_reaches_the_collector() {
         let mut request = Request::new(VerifyRequest {
             token: good.clone(),
             audience: String::new(),
+            ..Default::default()
         });
         request.metadata_mut().insert(
             "traceparent",
