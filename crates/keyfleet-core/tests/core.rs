@@ -8,8 +8,8 @@ use keyfleet_core::jwk::thumbprint;
 use keyfleet_core::ring::TickOutcome;
 use keyfleet_core::token::verify_signature;
 use keyfleet_core::{
-    Jwk, KeyRing, KeySet, KeyState, NewKey, Policy, Reason, RingError, RingPolicy, TokenClaims,
-    sign_token, validate,
+    Demands, Jwk, KeyRing, KeySet, KeyState, NewKey, Policy, Reason, RingError, RingPolicy,
+    TokenClaims, check_demands, sign_token, validate,
 };
 use serde_json::{Map, Value, json};
 
@@ -278,6 +278,107 @@ fn verdicts() {
     for (token, aud, want) in cases {
         check(&token, aud, want);
     }
+}
+
+/// A session's access token: `sid`, `auth_time` and `scope` as the authority writes them.
+fn session_token(sid: Value, auth_time: Option<i64>, scope: Option<&str>) -> String {
+    let (sk, kid) = key(1);
+    let mut c = claims();
+    c.extra.insert("sid".into(), sid);
+    if let Some(t) = auth_time {
+        c.extra.insert("auth_time".into(), t.into());
+    }
+    if let Some(s) = scope {
+        c.extra.insert("scope".into(), s.into());
+    }
+    sign_token(&sk, &kid, &c)
+}
+
+#[test]
+fn a_revoked_session_refuses_its_tokens_until_the_entry_expires() {
+    let policy = Policy::new("https://issuer.test");
+    let set = keyset(None).with_revoked_sessions([("s-1".to_owned(), NOW + 100)]);
+    let verdict =
+        |token: &str, now| validate(token, &set, now, &policy, None).map_err(|r| r.reason);
+    let ended = session_token(json!("s-1"), Some(NOW), None);
+    assert_eq!(verdict(&ended, NOW).unwrap_err(), Reason::SessionRevoked);
+    // Another session, and a token without `sid`, are untouched.
+    assert!(verdict(&session_token(json!("s-2"), Some(NOW), None), NOW).is_ok());
+    assert!(verdict(&sign_token(&key(1).0, &key(1).1, &claims()), NOW).is_ok());
+    // Past `until` (the session's last token has expired anyway) the entry no longer counts.
+    assert!(verdict(&ended, NOW + 101).is_ok());
+    // A `sid` that is not a string is malformed, never silently ignored.
+    let odd = session_token(json!(["s-1"]), Some(NOW), None);
+    assert_eq!(verdict(&odd, NOW).unwrap_err(), Reason::Malformed);
+}
+
+#[test]
+fn demands_check_scopes_and_the_age_of_the_login() {
+    let policy = Policy::new("https://issuer.test");
+    let set = keyset(None);
+    let token = session_token(json!("s-1"), Some(NOW - 600), Some("read write"));
+    let granted = validate(&token, &set, NOW, &policy, None).unwrap().claims;
+    let scopes = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let demand = |required: &[String], max_auth_age| {
+        check_demands(
+            &granted,
+            &Demands {
+                required_scopes: required,
+                max_auth_age,
+            },
+            NOW,
+        )
+        .map_err(|r| (r.reason, r.detail))
+    };
+    assert!(Demands::default().is_empty());
+    assert!(demand(&[], 0).is_ok());
+    assert!(demand(&scopes(&["read"]), 0).is_ok());
+    assert!(demand(&scopes(&["write", "read"]), 0).is_ok());
+    assert_eq!(
+        demand(&scopes(&["admin"]), 0).unwrap_err().0,
+        Reason::InsufficientScope
+    );
+    // A scope is a whole word: neither a prefix nor the empty string matches.
+    assert_eq!(
+        demand(&scopes(&["rea"]), 0).unwrap_err().0,
+        Reason::InsufficientScope
+    );
+    assert_eq!(
+        demand(&scopes(&[""]), 0).unwrap_err().0,
+        Reason::InsufficientScope
+    );
+    assert!(demand(&[], 600).is_ok());
+    let (reason, detail) = demand(&[], 599).unwrap_err();
+    assert_eq!(reason, Reason::LoginTooOld);
+    assert!(detail.contains("max_age=599"), "{detail}");
+    // No auth_time: the login's age is unknown, so a step-up demand refuses.
+    let plain = validate(
+        &sign_token(&key(1).0, &key(1).1, &claims()),
+        &set,
+        NOW,
+        &policy,
+        None,
+    )
+    .unwrap()
+    .claims;
+    let aged = check_demands(
+        &plain,
+        &Demands {
+            required_scopes: &[],
+            max_auth_age: 3600,
+        },
+        NOW,
+    );
+    assert_eq!(aged.unwrap_err().reason, Reason::LoginTooOld);
+    let scoped = check_demands(
+        &plain,
+        &Demands {
+            required_scopes: &scopes(&["read"]),
+            max_auth_age: 0,
+        },
+        NOW,
+    );
+    assert_eq!(scoped.unwrap_err().reason, Reason::InsufficientScope);
 }
 
 #[test]
