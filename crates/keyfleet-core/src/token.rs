@@ -432,14 +432,13 @@ fn check_claims(
     }
     match claims.get("sid") {
         None => {}
-        Some(Value::String(sid)) => {
-            if keys.is_session_revoked(sid, now) {
-                return Err(refuse(
-                    Reason::SessionRevoked,
-                    "the token's session was ended (logout, revocation or a reused refresh token)",
-                ));
-            }
+        Some(Value::String(sid)) if keys.is_session_revoked(sid, now) => {
+            return Err(refuse(
+                Reason::SessionRevoked,
+                "the token's session was ended (logout, revocation or a reused refresh token)",
+            ));
         }
+        Some(Value::String(_)) => {}
         Some(_) => return Err(refuse(Reason::Malformed, "sid is not a string")),
     }
     Ok(Verified {
