@@ -160,6 +160,12 @@ kf_exec() { local service=$1; shift; docker exec "${cid[$service]}" /keyfleet "$
 admin=(--authority http://127.0.0.1:7000 --admin-token-file /run/secrets/admin_token)
 mint() { kf_exec authority token issue "${admin[@]}" --subject "$1" --audience e2e --ttl 9m; }
 verify_on() { kf_exec "$1" token verify --verifier http://127.0.0.1:7100 --audience e2e "$2" >/dev/null 2>&1; }
+# The same, printing what the node answered (the verdict's reason and detail, or the error) on
+# one line, so a wrong verdict in the probe's log says why.
+verdict_on() {
+    kf_exec "$1" token verify --verifier http://127.0.0.1:7100 --audience e2e "$2" 2>&1 | tr -s ' \n' ' ' | head -c 600
+    return "${PIPESTATUS[0]}"
+}
 active_kid() {
     kf_exec authority keys list "${admin[@]}" --json \
         | python3 -c 'import json,sys; print(next(k["kid"] for k in json.load(sys.stdin)["keys"] if k["state"] == "active"))'
@@ -238,7 +244,7 @@ say "token minted once (kid ${kid0:0:8}…) verified on ${nodes[*]}"
 
 # --- the probe: verdicts on every running verifier every ~2 s ------------------------------------
 probe() {
-    local round=0 tok forged s rc
+    local round=0 tok forged s rc out
     # A forged token: the signature's first character changed.
     local sig=${token0##*.}
     local first=${sig:0:1}
@@ -250,16 +256,16 @@ probe() {
         for s in "${nodes[@]}"; do
             [[ $(docker inspect -f '{{.State.Running}}' "${cid[$s]}" 2>/dev/null) == true ]] || { echo "down $s"; continue; }
             for t in "$token0" $tok; do
-                rc=0; verify_on "$s" "$t" || rc=$?
+                rc=0; out=$(verdict_on "$s" "$t") || rc=$?
                 case $rc in
                     0) echo "ok $s" ;;
-                    1) echo "FALSE_REJECT $s round=$round" ;;
+                    1) echo "FALSE_REJECT $s round=$round at=$(date -u +%H:%M:%S.%N | head -c 12) answer: $out" ;;
                     *) echo "unavailable $s rc=$rc" ;;
                 esac
             done
-            rc=0; verify_on "$s" "$forged" || rc=$?
+            rc=0; out=$(verdict_on "$s" "$forged") || rc=$?
             case $rc in
-                0) echo "FALSE_ACCEPT $s round=$round" ;;
+                0) echo "FALSE_ACCEPT $s round=$round at=$(date -u +%H:%M:%S.%N | head -c 12) answer: $out" ;;
                 1) echo "ok-refused $s" ;;
                 *) echo "unavailable $s rc=$rc" ;;
             esac

@@ -115,7 +115,7 @@ fn node(c: &mut Criterion) {
     g.bench_function("verify_uncached", |b| {
         b.iter(|| {
             i = (i + 1) % tokens.len();
-            here.block_on(verifier.verify_token(&tokens[i], "orders"))
+            here.block_on(verifier.verify_token(&tokens[i], "orders", Default::default()))
                 .unwrap()
                 .valid
         })
@@ -124,7 +124,7 @@ fn node(c: &mut Criterion) {
     g.bench_function("verify_cache_hit", |b| {
         b.iter(|| {
             i = (i + 1) % tokens.len();
-            here.block_on(verifier.verify_token(&tokens[i], "orders"))
+            here.block_on(verifier.verify_token(&tokens[i], "orders", Default::default()))
                 .unwrap()
                 .valid
         })
@@ -188,7 +188,9 @@ fn concurrent(c: &mut Criterion) {
                                         break;
                                     }
                                     let token = &tokens[i as usize % tokens.len()];
-                                    let answer = verifier.verify_token(token, "orders").await;
+                                    let answer = verifier
+                                        .verify_token(token, "orders", Default::default())
+                                        .await;
                                     assert!(answer.unwrap().valid);
                                 }
                             });

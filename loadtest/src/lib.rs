@@ -7,6 +7,7 @@ pub mod curve;
 pub mod engine;
 pub mod fanout;
 pub mod html;
+pub mod login;
 pub mod report;
 
 pub use engine::{Invalid, Load, LoadOptions, Pick, Target, run};

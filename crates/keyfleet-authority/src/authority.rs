@@ -85,6 +85,11 @@ pub(crate) struct AuthorityState {
     pub transport: keyfleet_runtime::serve::Transport,
     pub insecure_admin: bool,
     pub admin_rate: u32,
+    /// Where sessions live (`sessions.db` by default).
+    pub sessions: Arc<dyn crate::session_store::SessionStore>,
+    pub session_policy: crate::config::SessionPolicy,
+    /// Where the next step of the session purge sweep starts.
+    pub purge_cursor: Mutex<String>,
 }
 
 impl AuthorityState {

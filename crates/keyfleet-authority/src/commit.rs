@@ -40,6 +40,7 @@ impl AuthorityState {
         if let Some(kid) = needed.iter().find(|kid| !work.keys.contains_key(*kid)) {
             return Err(RingError::Inconsistent(format!("no private key for {kid}")).into());
         }
+        // Ended sessions change only with the version, so a changed ring covers them too.
         if work.ring != state.ring {
             let bytes = self.file.encode(&work).map_err(ServiceError::Random)?;
             // The write blocks on fsync: keep it off the async workers.
@@ -83,11 +84,8 @@ impl AuthorityState {
                 }));
             }
             if published {
-                self.feed.publish(
-                    feed_state(&state.ring, &self.issuer),
-                    state.ring.version,
-                    now,
-                );
+                self.feed
+                    .publish(feed_state(&state, &self.issuer), state.ring.version, now);
             }
             self.metrics.observe_ring(&state.ring);
         }

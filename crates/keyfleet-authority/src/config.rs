@@ -30,6 +30,34 @@ pub const DEFAULT_ADMIN_RATE: u32 = 10;
 pub const DEFAULT_WATCHER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Period of the lifecycle tick (promotion, retirement, scheduled rotation).
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// `--session-idle`: a session not refreshed for this long ends.
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// `--session-max`: a session ends this long after its login, refreshed or not.
+pub const DEFAULT_SESSION_MAX: Duration = Duration::from_secs(90 * 24 * 3600);
+/// `--refresh-reuse-grace`: how long the immediately previous refresh token may be presented
+/// again (a client whose answer was lost retries); 0 turns the window off.
+pub const DEFAULT_REFRESH_REUSE_GRACE: Duration = Duration::from_secs(10);
+
+/// The lifetimes of sessions, in seconds (see the `DEFAULT_SESSION_*` constants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// `--session-idle`.
+    pub idle: i64,
+    /// `--session-max`.
+    pub max: i64,
+    /// `--refresh-reuse-grace` (0: off).
+    pub reuse_grace: i64,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> SessionPolicy {
+        SessionPolicy {
+            idle: DEFAULT_SESSION_IDLE.as_secs() as i64,
+            max: DEFAULT_SESSION_MAX.as_secs() as i64,
+            reuse_grace: DEFAULT_REFRESH_REUSE_GRACE.as_secs() as i64,
+        }
+    }
+}
 
 /// The authority's configuration, validated by [`Config::check`] (which [`crate::Authority::open`]
 /// runs first).
@@ -65,6 +93,10 @@ pub struct Config {
     pub admin_rate: u32,
     /// gRPC transport limits and load shedding.
     pub limits: Limits,
+    /// Session lifetimes and the refresh-token reuse grace window.
+    pub sessions: SessionPolicy,
+    /// Session-store operations one commit carries at most (group commit; 1: a commit each).
+    pub session_batch: usize,
 }
 
 /// A configuration the authority refuses before it touches the disk.
@@ -81,6 +113,10 @@ pub enum ConfigError {
     NoWatchers,
     #[error("--admin-rate must be at least 1")]
     NoAdminRate,
+    #[error(
+        "--session-idle and --session-max must be at least 1s, and --refresh-reuse-grace at most 5m (it lets a spent refresh token be presented again)"
+    )]
+    SessionLifetimes,
     #[error(
         "the fleet credential (--node-token-file) and the admin credential (--admin-token-file) are the same file {}: verifiers would hold admin power; give each its own file",
         .path.display()
@@ -109,6 +145,8 @@ impl Config {
             insecure_admin: false,
             admin_rate: DEFAULT_ADMIN_RATE,
             limits: Limits::default(),
+            sessions: SessionPolicy::default(),
+            session_batch: crate::sqlite::DEFAULT_MAX_BATCH,
         }
     }
 
@@ -147,6 +185,10 @@ impl Config {
         if self.admin_rate == 0 {
             return Err(ConfigError::NoAdminRate);
         }
+        let s = self.sessions;
+        if s.idle < 1 || s.max < 1 || !(0..=300).contains(&s.reuse_grace) {
+            return Err(ConfigError::SessionLifetimes);
+        }
         if self.admin_token_file == self.node_token_file {
             return Err(ConfigError::SameTokenFiles {
                 path: self.admin_token_file.clone(),
@@ -166,7 +208,13 @@ mod tests {
         assert_eq!(Config::new(dir).check(), Ok(()));
         assert_eq!(Config::for_test(dir).check(), Ok(()));
         type Spoil = fn(&mut Config);
-        let bad: [(&str, Spoil, &str); 7] = [
+        let bad: [(&str, Spoil, &str); 9] = [
+            ("idle", |c| c.sessions.idle = 0, "--session-idle"),
+            (
+                "grace",
+                |c| c.sessions.reuse_grace = 3600,
+                "--refresh-reuse-grace",
+            ),
             (
                 "policy",
                 |c| c.policy.publish_ahead = c.policy.rotation_period,

@@ -5,9 +5,12 @@ use keyfleet_core::{KeyRecord, KeyRing, KeyState};
 use keyfleet_feed::FeedState;
 use keyfleet_proto::v1 as pb;
 
-/// The key-set state verifiers receive for `ring`: its published keys, active kid and deny
-/// lists.
-pub(crate) fn feed_state(ring: &KeyRing, issuer: &str) -> FeedState {
+use crate::keys::RingState;
+
+/// The key-set state verifiers receive for `state`: its published keys, active kid and deny
+/// lists (kids, tokens, sessions).
+pub(crate) fn feed_state(state: &RingState, issuer: &str) -> FeedState {
+    let ring = &state.ring;
     FeedState {
         issuer: issuer.to_owned(),
         active_kid: ring.active().kid.clone(),
@@ -32,6 +35,7 @@ pub(crate) fn feed_state(ring: &KeyRing, issuer: &str) -> FeedState {
             .iter()
             .map(|(jti, until)| (jti.clone(), *until))
             .collect(),
+        revoked_sessions: state.revoked_sessions.clone(),
     }
 }
 

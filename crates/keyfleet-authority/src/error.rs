@@ -81,6 +81,10 @@ pub enum OpenError {
         "the fleet credential (--node-token-file) and the admin credential (--admin-token-file) hold the same token: verifiers would hold admin power; give each its own file (delete one to have it generated)"
     )]
     SameTokens,
+    #[error(transparent)]
+    Sessions(#[from] crate::sqlite::OpenStoreError),
+    #[error("cannot load the ended sessions from the session store")]
+    LoadSessions(#[source] crate::session_store::StoreError),
 }
 
 /// Why [`crate::Authority::serve`] could not serve, or stopped with an error.
@@ -135,6 +139,21 @@ pub(crate) enum ServiceError {
     NodeIdTaken(String),
     #[error(transparent)]
     CertificateNamesNoNode(#[from] keyfleet_runtime::tls::CertificateNamesNoNode),
+    #[error(transparent)]
+    Store(#[from] crate::session_store::StoreError),
+    /// A refresh token that cannot be used; the message says which kind.
+    #[error("{}", .0.message())]
+    Refresh(crate::sessions::Unusable),
+    #[error(
+        "scope {0:?} is not granted to this session: a refresh can only ask for the session's scopes or fewer"
+    )]
+    ScopeNotGranted(String),
+    #[error("no session {0:?}")]
+    NoSuchSession(String),
+    #[error(
+        "too many unusable refresh tokens from this address: wait a few seconds, then retry with the refresh token the last answer gave"
+    )]
+    TooManyRefreshFailures,
     /// A transport-level refusal (a message over the size limit, a broken stream), passed on.
     #[error("{}", .0.message())]
     Status(Status),
@@ -163,6 +182,11 @@ impl From<ServiceError> for Status {
             ServiceError::NodeUnauthenticated => Status::unauthenticated(message),
             ServiceError::NodeIdTaken(_) => Status::already_exists(message),
             ServiceError::CertificateNamesNoNode(_) => Status::permission_denied(message),
+            ServiceError::Store(_) => Status::unavailable(message),
+            ServiceError::Refresh(_) => Status::unauthenticated(message),
+            ServiceError::ScopeNotGranted(_) => Status::permission_denied(message),
+            ServiceError::NoSuchSession(_) => Status::not_found(message),
+            ServiceError::TooManyRefreshFailures => Status::resource_exhausted(message),
             ServiceError::Status(status) => status,
         }
     }

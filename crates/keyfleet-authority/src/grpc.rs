@@ -21,8 +21,10 @@ use tracing::{debug, warn};
 use crate::admin::AdminToken;
 use crate::authority::AuthorityState;
 use crate::error::ServiceError;
-use crate::guard::AdminGuard;
+use crate::guard::{AdminGuard, RefreshGuard};
 use crate::metrics::Credential;
+use crate::session_store::{EndBy, EndReason};
+use crate::sessions::{Unusable, check_shape, hash};
 
 /// Largest message the authority decodes. Its requests are small (a hello, an ack, a token
 /// request under the 8 KiB token limit, a relay's report of at most
@@ -36,6 +38,8 @@ pub(crate) struct AuthorityService {
     /// Cancelled on shutdown: ends every watch stream so the server can drain.
     stop: CancellationToken,
     guard: AdminGuard,
+    /// Unusable refresh tokens, per peer.
+    refresh_guard: RefreshGuard,
 }
 
 /// What an admin call does, for the rate limit.
@@ -70,6 +74,7 @@ impl AuthorityService {
             shared,
             stop,
             guard,
+            refresh_guard: RefreshGuard::default(),
         }
     }
 
@@ -292,39 +297,117 @@ impl Authority for AuthorityService {
         Ok(Response::new(self.shared.list_keys().await))
     }
 
-    // Sessions (issue 15): being built; until then every session call is refused.
+    /// Admin: the login service that checked the password starts the session.
     async fn start_session(
         &self,
-        _request: Request<pb::StartSessionRequest>,
+        request: Request<pb::StartSessionRequest>,
     ) -> Result<Response<pb::SessionTokens>, Status> {
-        Err(Status::unimplemented("sessions are not built yet"))
+        self.authorize(&request, Admin::Unmetered, "StartSession")?;
+        Ok(Response::new(
+            self.shared.start_session(request.into_inner()).await?,
+        ))
     }
 
+    /// No admin credential: the refresh token is the credential. A peer past its budget of
+    /// unusable refresh tokens is refused before the store is asked.
     async fn refresh(
         &self,
-        _request: Request<pb::RefreshRequest>,
+        request: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::SessionTokens>, Status> {
-        Err(Status::unimplemented("sessions are not built yet"))
+        let peer = request.remote_addr();
+        if !self.refresh_guard.may_try(peer) {
+            self.shared.metrics.refresh_refused("limited");
+            return Err(ServiceError::TooManyRefreshFailures.into());
+        }
+        let req = request.into_inner();
+        let refused = |unusable: Unusable| -> Status {
+            self.shared.metrics.refresh_refused(unusable.kind());
+            debug!(peer = %peer_name(peer), kind = unusable.kind(), "refresh refused");
+            if !self.refresh_guard.failed(peer) {
+                self.shared.metrics.refresh_refused("limited");
+            }
+            ServiceError::Refresh(unusable).into()
+        };
+        if let Err(unusable) = check_shape(&req.refresh_token) {
+            return Err(refused(unusable));
+        }
+        match self.shared.refresh(&req.refresh_token, req.scopes).await {
+            Ok(tokens) => Ok(Response::new(tokens)),
+            Err(Ok(unusable)) => Err(refused(unusable)),
+            Err(Err(e)) => Err(e.into()),
+        }
     }
 
+    /// Logout with the session's refresh token (no admin credential), or by session id with
+    /// the admin credential.
     async fn end_session(
         &self,
-        _request: Request<pb::EndSessionRequest>,
+        request: Request<pb::EndSessionRequest>,
     ) -> Result<Response<pb::EndSessionResponse>, Status> {
-        Err(Status::unimplemented("sessions are not built yet"))
+        let peer = request.remote_addr();
+        let has_token = !request.get_ref().refresh_token.is_empty();
+        let has_id = !request.get_ref().session_id.is_empty();
+        match (has_token, has_id) {
+            (true, true) | (false, false) => {
+                return Err(ServiceError::InvalidArgument(
+                    "send either refresh_token (logout) or session_id (with the admin credential), not both".into(),
+                )
+                .into());
+            }
+            (false, true) => {
+                self.authorize(&request, Admin::Unmetered, "EndSession")?;
+                let id = request.into_inner().session_id;
+                return match self
+                    .shared
+                    .end_session(EndBy::Id(id.clone()), EndReason::Admin)
+                    .await?
+                {
+                    Some(answer) => Ok(Response::new(answer)),
+                    None => Err(ServiceError::NoSuchSession(id).into()),
+                };
+            }
+            (true, false) => {}
+        }
+        if !self.refresh_guard.may_try(peer) {
+            return Err(ServiceError::TooManyRefreshFailures.into());
+        }
+        let token = request.into_inner().refresh_token;
+        let refused = |unusable: Unusable| -> Status {
+            self.refresh_guard.failed(peer);
+            ServiceError::Refresh(unusable).into()
+        };
+        check_shape(&token).map_err(refused)?;
+        match self
+            .shared
+            .end_session(EndBy::Token(hash(&token)), EndReason::Logout)
+            .await?
+        {
+            Some(answer) => Ok(Response::new(answer)),
+            None => Err(refused(Unusable::Unknown)),
+        }
     }
 
     async fn revoke_subject(
         &self,
-        _request: Request<pb::RevokeSubjectRequest>,
+        request: Request<pb::RevokeSubjectRequest>,
     ) -> Result<Response<pb::RevokeSubjectResponse>, Status> {
-        Err(Status::unimplemented("sessions are not built yet"))
+        self.authorize(&request, Admin::Unmetered, "RevokeSubject")?;
+        Ok(Response::new(
+            self.shared
+                .revoke_subject(request.into_inner().subject)
+                .await?,
+        ))
     }
 
     async fn list_sessions(
         &self,
-        _request: Request<pb::ListSessionsRequest>,
+        request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        Err(Status::unimplemented("sessions are not built yet"))
+        self.authorize(&request, Admin::Unmetered, "ListSessions")?;
+        Ok(Response::new(
+            self.shared
+                .list_sessions(request.into_inner().subject)
+                .await?,
+        ))
     }
 }

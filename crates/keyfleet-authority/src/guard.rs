@@ -4,10 +4,14 @@
 //! ([`keyfleet_runtime::credentials`], shared with the relays), so that nobody's guesses can use
 //! up anyone else's budget — least of all an operator's emergency revocation.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
-use keyfleet_runtime::credentials::{Bucket, FailedCredentials, Verdict};
+use keyfleet_runtime::credentials::{
+    Bucket, FAILURE_PER_SECOND, FailedCredentials, MAX_FAILING_PEERS, Verdict,
+};
 use tokio::time::Instant;
 
 /// Decides whether an admin call may proceed.
@@ -63,6 +67,69 @@ impl AdminGuard {
     }
 }
 
+/// Unusable refresh tokens, limited per peer like failed credentials (a refresh token is the
+/// credential of `Refresh`). The store is asked only after the peer's budget is checked: a
+/// peer past its budget is answered `RESOURCE_EXHAUSTED` at once, whatever it presents, until
+/// its budget refills a little — so a flood of guesses costs the store about
+/// [`keyfleet_runtime::credentials::FAILURE_PER_SECOND`] look-ups per second per peer. Other
+/// peers, and their valid refresh tokens, are never affected.
+#[derive(Debug, Default)]
+pub(crate) struct RefreshGuard {
+    failures: FailedCredentials,
+    /// Peers past their budget, until when they are refused without a look-up.
+    limited: Mutex<HashMap<Option<IpAddr>, Instant>>,
+}
+
+impl RefreshGuard {
+    /// False while `peer` is past its failure budget.
+    pub(crate) fn may_try(&self, peer: Option<SocketAddr>) -> bool {
+        let key = peer_key(peer);
+        let mut limited = self.limited.lock().unwrap_or_else(PoisonError::into_inner);
+        match limited.get(&key) {
+            Some(until) if Instant::now() < *until => false,
+            Some(_) => {
+                limited.remove(&key);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Charges an unusable refresh token to `peer`; false when that went past its budget (the
+    /// peer is then refused without a look-up until one more failure fits).
+    pub(crate) fn failed(&self, peer: Option<SocketAddr>) -> bool {
+        match self.failures.judge(false, peer) {
+            Verdict::TooManyFailures => {
+                let mut limited = self.limited.lock().unwrap_or_else(PoisonError::into_inner);
+                if limited.len() >= MAX_FAILING_PEERS {
+                    let now = Instant::now();
+                    limited.retain(|_, until| now < *until);
+                }
+                if limited.len() < MAX_FAILING_PEERS {
+                    let refill = Duration::from_secs_f64(1.0 / FAILURE_PER_SECOND);
+                    limited.insert(peer_key(peer), Instant::now() + refill);
+                }
+                false
+            }
+            Verdict::Refused | Verdict::Accepted => true,
+        }
+    }
+}
+
+/// The key a peer is limited under: its address, or its /64 for IPv6 (as failed credentials).
+fn peer_key(peer: Option<SocketAddr>) -> Option<IpAddr> {
+    peer.map(|p| match p.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    })
+}
+
 #[derive(Debug)]
 struct ManageBucket {
     bucket: Bucket,
@@ -72,7 +139,6 @@ struct ManageBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn transport_rule() {
@@ -109,6 +175,32 @@ mod tests {
         assert!(!guard.take_manage());
         tokio::time::advance(Duration::from_millis(400)).await;
         assert_eq!((0..10).filter(|_| guard.take_manage()).count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_past_its_refresh_failures_is_refused_before_any_look_up_others_are_not() {
+        let guard = RefreshGuard::default();
+        let attacker: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let same_64: SocketAddr = "[2001:db8::1]:1".parse().unwrap();
+        let other_in_64: SocketAddr = "[2001:db8::ffff]:1".parse().unwrap();
+        let user: SocketAddr = "192.0.2.8:5000".parse().unwrap();
+        let burst = keyfleet_runtime::credentials::FAILURE_BURST as usize;
+        for _ in 0..burst {
+            assert!(guard.may_try(Some(attacker)));
+            assert!(guard.failed(Some(attacker)));
+        }
+        assert!(!guard.failed(Some(attacker)), "past the burst");
+        assert!(!guard.may_try(Some(attacker)), "refused before the look-up");
+        assert!(guard.may_try(Some(user)), "another peer is not limited");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(
+            guard.may_try(Some(attacker)),
+            "one more try once the budget refilled"
+        );
+        for _ in 0..=burst {
+            guard.failed(Some(same_64));
+        }
+        assert!(!guard.may_try(Some(other_in_64)), "an IPv6 /64 is one peer");
     }
 
     #[tokio::test(start_paused = true)]

@@ -63,6 +63,10 @@ pub(crate) struct RingState {
     pub ring: KeyRing,
     /// kid → private key, for the keys that may still sign (active and next).
     pub keys: BTreeMap<String, SecretKey>,
+    /// Ended sessions published to the fleet: sid → until (the newest access token's expiry
+    /// plus leeway). Not in `keyring.json`: the session store is their record, and they are
+    /// loaded from it at start-up.
+    pub revoked_sessions: BTreeMap<String, UnixSeconds>,
 }
 
 impl RingState {

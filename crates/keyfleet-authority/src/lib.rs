@@ -9,7 +9,9 @@
 //! do), `grpc.rs`/`http.rs` (the APIs), `record.rs` (the file's versioned layout),
 //! `ring_file.rs` (the file itself), `keys.rs` (private keys), `convert.rs` (ring → proto),
 //! `admin.rs`/`guard.rs` (credentials, admin rules), `kek.rs` (sealing), `metrics.rs`,
-//! `client.rs` (the admin client). The fleet view and the watch-stream driver are
+//! `client.rs` (the admin client). Persistent login: `sessions.rs` (the session RPCs, refresh
+//! tokens, publishing ended sessions), `session_store.rs` (the store trait and the refresh
+//! rule), `sqlite.rs` (the embedded store, `sessions.db`). The fleet view and the watch-stream driver are
 //! `keyfleet_feed::watch`, shared with relays.
 
 mod admin;
@@ -30,12 +32,16 @@ mod ops;
 mod record;
 mod ring_file;
 mod serve;
+pub mod session_store;
+mod sessions;
+pub mod sqlite;
 
 pub use authority::Authority;
 pub use config::{
     ADMIN_TOKEN_FILE, Config, ConfigError, DEFAULT_ADMIN_RATE, DEFAULT_ISSUER,
-    DEFAULT_MAX_WATCHERS, DEFAULT_MAX_WATCHERS_PER_PEER, DEFAULT_TICK_INTERVAL,
-    DEFAULT_WATCHER_TIMEOUT, NODE_TOKEN_FILE,
+    DEFAULT_MAX_WATCHERS, DEFAULT_MAX_WATCHERS_PER_PEER, DEFAULT_REFRESH_REUSE_GRACE,
+    DEFAULT_SESSION_IDLE, DEFAULT_SESSION_MAX, DEFAULT_TICK_INTERVAL, DEFAULT_WATCHER_TIMEOUT,
+    NODE_TOKEN_FILE, SessionPolicy,
 };
 pub use error::{OpenError, ServeError};
 pub use kek::{Kek, KekError};

@@ -119,6 +119,11 @@ pub(crate) struct Metrics {
     watch_refused: Family<ReasonLabel, Counter>,
     sent_full: Sent,
     sent_delta: Sent,
+    pub sessions_started: Counter,
+    pub refreshes: Counter,
+    sessions_ended: Family<ReasonLabel, Counter>,
+    /// Refreshes refused, by kind (`unknown`, `spent`, `expired`, `ended`, `limited`, ...).
+    refresh_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -210,6 +215,30 @@ impl Metrics {
             "Encoded bytes of the WatchJwks messages sent, by kind (full, delta)",
             watch_bytes.clone(),
         );
+        let sessions_started = Counter::default();
+        registry.register(
+            "keyfleet_sessions_started",
+            "Sessions started (StartSession)",
+            sessions_started.clone(),
+        );
+        let refreshes = Counter::default();
+        registry.register(
+            "keyfleet_refreshes",
+            "Refresh calls answered with a new pair of tokens",
+            refreshes.clone(),
+        );
+        let sessions_ended = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "keyfleet_sessions_ended",
+            "Sessions ended and published to the fleet, by reason (logout, admin, revoked_subject, refresh_token_reuse)",
+            sessions_ended.clone(),
+        );
+        let refresh_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "keyfleet_refresh_refused",
+            "Refresh calls refused, by kind (empty, too_large, unknown, spent, expired, ended, limited)",
+            refresh_refused.clone(),
+        );
         let sent_full = Sent::new(&watch_messages, &watch_bytes, "full");
         let sent_delta = Sent::new(&watch_messages, &watch_bytes, "delta");
         for trigger in Trigger::ALL {
@@ -234,7 +263,25 @@ impl Metrics {
             watch_refused,
             sent_full,
             sent_delta,
+            sessions_started,
+            refreshes,
+            sessions_ended,
+            refresh_refused,
         }
+    }
+
+    pub(crate) fn sessions_ended(&self, reason: crate::session_store::EndReason, n: u64) {
+        self.sessions_ended
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc_by(n);
+    }
+
+    pub(crate) fn refresh_refused(&self, reason: &'static str) {
+        self.refresh_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// A watch message of `bytes` bytes went out (`full`: a whole snapshot, else a delta).

@@ -55,6 +55,20 @@ impl Authority {
             }
             None => create_ring(&file, config.policy, now, config.kek.is_some())?,
         };
+        // The session store: its ended sessions whose access tokens may still live are
+        // published again (the store is their record; keyring.json does not hold them).
+        let sessions = crate::sqlite::SqliteStore::open(&config.data_dir, config.session_batch)?;
+        let mut state = state;
+        let window = config.policy.token_ttl + config.policy.leeway;
+        state.revoked_sessions = crate::session_store::SessionStore::ended_since(
+            &sessions,
+            now - window,
+            now - config.policy.leeway,
+        )
+        .map_err(OpenError::LoadSessions)?
+        .into_iter()
+        .map(|e| (e.sid, e.access_expires_at + config.policy.leeway))
+        .collect();
         file.remove_leftovers();
         let admin = match admin {
             Some(admin) => admin,
@@ -72,7 +86,16 @@ impl Authority {
                 node
             }
         };
-        let shared = shared_state(config, file, dir_lock, state, admin, node, now);
+        let shared = shared_state(
+            config,
+            file,
+            dir_lock,
+            state,
+            admin,
+            node,
+            now,
+            Arc::new(sessions),
+        );
         Ok(Authority {
             shared: Arc::new(shared),
         })
@@ -101,6 +124,7 @@ fn create_ring(
     let state = RingState {
         ring: KeyRing::bootstrap(policy, now, active, next),
         keys,
+        revoked_sessions: BTreeMap::new(),
     };
     let bytes = file.encode(&state).map_err(OpenError::Random)?;
     file.write(&bytes).map_err(|source| OpenError::WriteRing {
@@ -112,6 +136,7 @@ fn create_ring(
 }
 
 /// The state the servers share, from an opened ring and credentials.
+#[allow(clippy::too_many_arguments)]
 fn shared_state(
     config: Config,
     file: RingFile,
@@ -120,6 +145,7 @@ fn shared_state(
     admin: AdminToken,
     node: AdminToken,
     now: UnixSeconds,
+    sessions: Arc<dyn crate::session_store::SessionStore>,
 ) -> AuthorityState {
     let active = state.ring.active().kid.clone();
     let key = state
@@ -131,7 +157,7 @@ fn shared_state(
     metrics.observe_ring(&state.ring);
     let rotation_pending = state.ring.rotation_pending;
     let feed = Feed::new(
-        feed_state(&state.ring, &config.issuer),
+        feed_state(&state, &config.issuer),
         state.ring.version,
         now,
         Limits::default(),
@@ -169,5 +195,8 @@ fn shared_state(
         metrics,
         insecure_admin: config.insecure_admin,
         admin_rate: config.admin_rate,
+        sessions,
+        session_policy: config.sessions,
+        purge_cursor: Mutex::new(String::new()),
     }
 }

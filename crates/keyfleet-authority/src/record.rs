@@ -172,7 +172,11 @@ impl RingRecord {
             }
             keys.insert(kid.to_owned(), key);
         }
-        Ok(RingState { ring, keys })
+        Ok(RingState {
+            ring,
+            keys,
+            revoked_sessions: BTreeMap::new(),
+        })
     }
 }
 

@@ -92,16 +92,30 @@ impl Authority {
     }
 }
 
+/// How often a step of the session purge sweep runs.
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Sessions one purge step looks at (a few milliseconds of the store's time).
+const PURGE_SCAN: usize = 2_000;
+/// How long an ended or expired session stays listed (`ListSessions`) before it is forgotten.
+const KEEP_ENDED_SECS: i64 = 7 * 24 * 3600;
+
 /// Ticks the ring every `tick_interval` and whenever kicked, until `stop`; forgets long-gone
-/// watchers and refreshes the watcher gauges on the interval.
+/// watchers and refreshes the watcher gauges on the interval; sweeps old sessions out of the
+/// session store a step at a time.
 async fn lifecycle(shared: Arc<AuthorityState>, stop: CancellationToken) {
     let mut interval = tokio::time::interval(shared.tick_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut purge = tokio::time::interval(PURGE_INTERVAL);
+    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let kicked = tokio::select! {
             _ = stop.cancelled() => return,
             _ = interval.tick() => false,
             _ = shared.kick.notified() => true,
+            _ = purge.tick() => {
+                shared.purge_step().await;
+                continue;
+            }
         };
         // A kick (an ack during a pending rotation) needs the tick alone.
         if !kicked {
@@ -130,11 +144,45 @@ impl AuthorityState {
                 } else {
                     Trigger::Scheduled
                 };
-                Ok((work.ring.tick(now, min_acked), trigger))
+                let outcome = work.ring.tick(now, min_acked);
+                // Ended sessions leave the deny list once their last access token is dead.
+                let before = work.revoked_sessions.len();
+                work.revoked_sessions.retain(|_, until| now <= *until);
+                if work.revoked_sessions.len() != before && !outcome.changed {
+                    work.ring.version += 1;
+                }
+                Ok((outcome, trigger))
             })
             .await?;
         self.report(&outcome, trigger);
         Ok(())
+    }
+
+    /// One step of the sweep that forgets sessions ended or expired more than a week ago.
+    async fn purge_step(&self) {
+        let before = self.clock.now() - KEEP_ENDED_SECS;
+        let after = self
+            .purge_cursor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let store = Arc::clone(&self.sessions);
+        let step =
+            tokio::task::spawn_blocking(move || store.purge(before, &after, PURGE_SCAN)).await;
+        match step {
+            Ok(Ok(purged)) => {
+                if purged.forgotten > 0 {
+                    info!(sessions = purged.forgotten, "forgot old sessions");
+                }
+                *self
+                    .purge_cursor
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    purged.next.unwrap_or_default();
+            }
+            Ok(Err(e)) => warn!(error = %e, "session purge failed; retrying on the next step"),
+            Err(_) => {}
+        }
     }
 
     /// Logs (and counts) what a tick changed.

@@ -1217,3 +1217,4 @@ async fn admin_calls_are_rate_limited() {
 mod deltas;
 mod fleet;
 mod secure_files;
+mod sessions;

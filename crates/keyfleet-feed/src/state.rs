@@ -2,15 +2,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use keyfleet_proto::v1::{Jwk, JwksDelta, JwksSnapshot, RevokedToken};
+use keyfleet_proto::v1::{Jwk, JwksDelta, JwksSnapshot, RevokedSession, RevokedToken};
 use sha2::{Digest as _, Sha256};
 
 /// SHA-256 of a [`FeedState`]'s canonical encoding.
 pub type Digest = [u8; 32];
 
 /// Everything a version of the key set names: the issuer, the signing kid, the published keys
-/// (by kid), the emergency-revoked kids and the denied tokens (by jti, with their `until`).
-/// Ordered maps, so the canonical encoding and the digest do not depend on arrival order.
+/// (by kid), the emergency-revoked kids, the denied tokens (by jti, with their `until`) and the
+/// ended sessions (by sid, with their `until`). Ordered maps, so the canonical encoding and the
+/// digest do not depend on arrival order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FeedState {
     pub issuer: String,
@@ -18,11 +19,13 @@ pub struct FeedState {
     pub keys: BTreeMap<String, Jwk>,
     pub revoked_kids: BTreeSet<String>,
     pub revoked_tokens: BTreeMap<String, i64>,
+    /// Ended sessions: access tokens whose `sid` is listed are refused until `until`.
+    pub revoked_sessions: BTreeMap<String, i64>,
 }
 
 impl FeedState {
     /// The state a full snapshot names (its `delta`, `version`, `generated_at` and `digest`
-    /// are not part of it). A repeated kid or jti keeps its last entry.
+    /// are not part of it). A repeated kid, jti or sid keeps its last entry.
     pub fn from_snapshot(snapshot: &JwksSnapshot) -> FeedState {
         FeedState {
             issuer: snapshot.issuer.clone(),
@@ -37,6 +40,11 @@ impl FeedState {
                 .revoked_tokens
                 .iter()
                 .map(|t| (t.jti.clone(), t.until))
+                .collect(),
+            revoked_sessions: snapshot
+                .revoked_sessions
+                .iter()
+                .map(|s| (s.sid.clone(), s.until))
                 .collect(),
         }
     }
@@ -60,8 +68,10 @@ impl FeedState {
         (snapshot, digest)
     }
 
-    /// The state as a `JwksSnapshot` with only fields 2–6 set, in canonical order (keys by kid,
-    /// revoked kids sorted, revoked tokens by jti): the bytes the digest covers.
+    /// The state as a `JwksSnapshot` with only fields 2–6 and 10 set, in canonical order (keys
+    /// by kid, revoked kids sorted, revoked tokens by jti, revoked sessions by sid): the bytes
+    /// the digest covers. With no revoked session, field 10 writes no byte, so such a state has
+    /// the digest it had before sessions existed.
     fn canonical(&self) -> JwksSnapshot {
         JwksSnapshot {
             issuer: self.issuer.clone(),
@@ -76,14 +86,27 @@ impl FeedState {
                 })
                 .collect(),
             active_kid: self.active_kid.clone(),
+            revoked_sessions: self.revoked_sessions_list(),
             ..JwksSnapshot::default()
         }
     }
 
+    /// The revoked sessions as the proto lists them, by sid.
+    fn revoked_sessions_list(&self) -> Vec<RevokedSession> {
+        self.revoked_sessions
+            .iter()
+            .map(|(sid, until)| RevokedSession {
+                sid: sid.clone(),
+                until: *until,
+            })
+            .collect()
+    }
+
     /// SHA-256 of the protobuf encoding of the canonical snapshot: a `JwksSnapshot` with
     /// `issuer`, `keys` (sorted by kid), `revoked_kids` (sorted), `revoked_tokens` (sorted by
-    /// jti) and `active_kid` set and every other field at its default, fields written in field
-    /// number order as every protobuf encoder does for these messages.
+    /// jti), `active_kid` and `revoked_sessions` (sorted by sid) set and every other field at its
+    /// default, fields written in field number order as every protobuf encoder does for these
+    /// messages.
     pub fn digest(&self) -> Digest {
         digest_of(&self.canonical())
     }
@@ -93,9 +116,21 @@ impl FeedState {
     pub fn diff(&self, newer: &FeedState, base_version: u64) -> JwksDelta {
         JwksDelta {
             base_version,
-            // Sessions travel once the session deny list is part of the state (issue 15).
-            revoked_sessions_added: Vec::new(),
-            revoked_sessions_dropped: Vec::new(),
+            revoked_sessions_added: newer
+                .revoked_sessions
+                .iter()
+                .filter(|(sid, until)| self.revoked_sessions.get(*sid) != Some(until))
+                .map(|(sid, until)| RevokedSession {
+                    sid: sid.clone(),
+                    until: *until,
+                })
+                .collect(),
+            revoked_sessions_dropped: self
+                .revoked_sessions
+                .keys()
+                .filter(|sid| !newer.revoked_sessions.contains_key(*sid))
+                .cloned()
+                .collect(),
             upserted_keys: newer
                 .keys
                 .iter()
@@ -157,6 +192,12 @@ impl FeedState {
         for t in &delta.revoked_tokens_added {
             self.revoked_tokens.insert(t.jti.clone(), t.until);
         }
+        for sid in &delta.revoked_sessions_dropped {
+            self.revoked_sessions.remove(sid);
+        }
+        for s in &delta.revoked_sessions_added {
+            self.revoked_sessions.insert(s.sid.clone(), s.until);
+        }
         if !issuer.is_empty() {
             issuer.clone_into(&mut self.issuer);
         }
@@ -179,6 +220,8 @@ pub(crate) fn is_empty(delta: &JwksDelta) -> bool {
         && delta.revoked_kids_dropped.is_empty()
         && delta.revoked_tokens_added.is_empty()
         && delta.revoked_tokens_dropped.is_empty()
+        && delta.revoked_sessions_added.is_empty()
+        && delta.revoked_sessions_dropped.is_empty()
 }
 
 #[cfg(test)]
@@ -204,26 +247,30 @@ mod tests {
             prop::collection::btree_map("k[0-7]", "x[0-2]", 0..6),
             prop::collection::btree_set("k[0-9]", 0..4),
             prop::collection::btree_map("j[0-9]{1,2}", 0i64..5, 0..30),
+            prop::collection::btree_map("s[0-9]{1,2}", 0i64..5, 0..30),
         )
-            .prop_map(|(issuer, keys, revoked_kids, revoked_tokens)| {
-                // Never empty: an authority always has a signing key (and an empty issuer or
-                // active kid in a delta's message means "unchanged").
-                let active_kid = keys
-                    .keys()
-                    .next()
-                    .cloned()
-                    .unwrap_or_else(|| "k-none".into());
-                FeedState {
-                    issuer: issuer.into(),
-                    active_kid,
-                    keys: keys
-                        .into_iter()
-                        .map(|(kid, x)| (kid.clone(), jwk(&kid, &x)))
-                        .collect(),
-                    revoked_kids,
-                    revoked_tokens,
-                }
-            })
+            .prop_map(
+                |(issuer, keys, revoked_kids, revoked_tokens, revoked_sessions)| {
+                    // Never empty: an authority always has a signing key (and an empty issuer or
+                    // active kid in a delta's message means "unchanged").
+                    let active_kid = keys
+                        .keys()
+                        .next()
+                        .cloned()
+                        .unwrap_or_else(|| "k-none".into());
+                    FeedState {
+                        issuer: issuer.into(),
+                        active_kid,
+                        keys: keys
+                            .into_iter()
+                            .map(|(kid, x)| (kid.clone(), jwk(&kid, &x)))
+                            .collect(),
+                        revoked_kids,
+                        revoked_tokens,
+                        revoked_sessions,
+                    }
+                },
+            )
     }
 
     proptest! {
@@ -240,7 +287,8 @@ mod tests {
                 prop_assert_eq!(held.digest(), pair[1].digest());
                 let same_lists = pair[0].keys == pair[1].keys
                     && pair[0].revoked_kids == pair[1].revoked_kids
-                    && pair[0].revoked_tokens == pair[1].revoked_tokens;
+                    && pair[0].revoked_tokens == pair[1].revoked_tokens
+                    && pair[0].revoked_sessions == pair[1].revoked_sessions;
                 prop_assert_eq!(is_empty(&delta), same_lists);
             }
         }

@@ -7,16 +7,23 @@
 //! the token's `jti` is not denied, and under the same issuer. Those checks run on every hit,
 //! against the key set in use; on every key-set swap a purge drops the entries they would
 //! fail, so revoked keys and tokens also leave memory at once.
+//!
+//! The cached answer is the node's verdict (signature, time, issuer, audience, deny lists),
+//! never a caller's demands: each entry keeps the two claims demands look at (`scope`,
+//! `auth_time`) and every hit checks the request's own demands against them, so a "valid" for
+//! one scope set never stands for another. A hit without demands does not look at them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use keyfleet_core::{Policy, UnixSeconds};
+use keyfleet_core::token::Refusal;
+use keyfleet_core::{Demands, Policy, UnixSeconds, Verified, check_demands};
 use keyfleet_proto::v1::VerifyResponse;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::keyset::Held;
@@ -66,6 +73,31 @@ struct Entry {
     issuer: String,
     /// The answer holds while `now` is below this (`exp` + leeway, as the plain path).
     until: UnixSeconds,
+    grants: Grants,
+}
+
+/// What a cached answer keeps of a valid token's claims beyond the response: its session (for
+/// the session deny list) and the claims per-request demands read.
+pub(crate) struct Grants {
+    sid: Option<String>,
+    /// Only `scope` and `auth_time`, when the token has them.
+    demanded: Map<String, Value>,
+}
+
+impl Grants {
+    /// The grants of a valid token.
+    pub(crate) fn of(verified: &Verified) -> Grants {
+        let claims = &verified.claims;
+        let sid = match claims.get("sid") {
+            Some(Value::String(sid)) => Some(sid.clone()),
+            _ => None,
+        };
+        let demanded = ["scope", "auth_time"]
+            .into_iter()
+            .filter_map(|name| Some((name.to_owned(), claims.get(name)?.clone())))
+            .collect();
+        Grants { sid, demanded }
+    }
 }
 
 #[derive(Default)]
@@ -145,20 +177,32 @@ impl VerifyCache {
         Some(h.finalize().into())
     }
 
-    /// The cached answer for `key`, if the plain path would give it now under `held`.
+    /// The cached answer for `key`, if the plain path would give it now under `held`: the
+    /// valid answer, or the refusal `demands` get from the token (its kid set).
     pub(crate) fn get(
         &self,
         key: Option<&CacheKey>,
         held: &std::sync::Arc<Held>,
         policy: &Policy,
         now: UnixSeconds,
-    ) -> Option<VerifyResponse> {
+        demands: &Demands<'_>,
+    ) -> Option<Result<VerifyResponse, Refusal>> {
         let key = key?;
         self.purge_if_swapped(held, now);
         let mut shard = lock(&self.shards[shard_of(key)]);
         let answer = match shard.map.get(key) {
             None => None,
-            Some(e) if still_holds(e, held, policy, now) => Some(e.response.clone()),
+            Some(e) if still_holds(e, held, policy, now) => Some(if demands.is_empty() {
+                Ok(e.response.clone())
+            } else {
+                match check_demands(&e.grants.demanded, demands, now) {
+                    Ok(()) => Ok(e.response.clone()),
+                    Err(refusal) => Err(Refusal {
+                        kid: Some(e.response.kid.clone()),
+                        ..refusal
+                    }),
+                }
+            }),
             Some(_) => {
                 shard.map.remove(key);
                 self.removed(1);
@@ -173,15 +217,17 @@ impl VerifyCache {
         answer
     }
 
-    /// Remembers a valid answer (refusals are ignored).
+    /// Remembers a valid answer (refusals are ignored) with the token's `grants`: the node's
+    /// verdict, before any caller's demands.
     pub(crate) fn insert(
         &self,
         key: Option<CacheKey>,
         held: &Held,
         policy: &Policy,
         response: &VerifyResponse,
+        grants: Option<Grants>,
     ) {
-        let (Some(key), true) = (key, response.valid) else {
+        let (Some(key), true, Some(grants)) = (key, response.valid, grants) else {
             return;
         };
         let Some(verifying_key) = held.keys.key(&response.kid) else {
@@ -196,6 +242,7 @@ impl VerifyCache {
             key: verifying_key.to_bytes(),
             issuer: policy.issuer.clone(),
             until: response.expires_at.saturating_add(policy.leeway),
+            grants,
         };
         let mut shard = lock(&self.shards[shard_of(&key)]);
         if shard.map.insert(key, entry).is_none() {
@@ -247,6 +294,10 @@ fn still_holds(e: &Entry, held: &Held, policy: &Policy, now: UnixSeconds) -> boo
         && !held.keys.is_key_revoked(kid)
         && held.keys.key(kid).is_some_and(|k| k.to_bytes() == e.key)
         && (e.response.jti.is_empty() || !held.keys.is_token_revoked(&e.response.jti, now))
+        && e.grants
+            .sid
+            .as_ref()
+            .is_none_or(|sid| !held.keys.is_session_revoked(sid, now))
 }
 
 fn shard_of(key: &CacheKey) -> usize {

@@ -79,6 +79,80 @@ pub struct Config {
     /// gRPC transport limits and load shedding.
     pub limits: Limits,
     pub clock: Clock,
+    /// `--authz-header`: the request header Envoy's ext_authz `Check` and HTTP `/auth` read
+    /// the bearer token from (lower case; [`DEFAULT_AUTHZ_HEADER`]).
+    pub authz_header: String,
+    /// `--claim-header CLAIM=HEADER` (repeatable): claims passed upstream as headers by
+    /// ext_authz and `/auth` when a token is allowed.
+    pub claim_headers: Vec<ClaimHeader>,
+    /// `--keep-authorization`: ext_authz leaves the token's header on the request it allows
+    /// (by default it is removed, so upstreams never see the raw token).
+    pub keep_authorization: bool,
+}
+
+/// `--authz-header`'s default.
+pub const DEFAULT_AUTHZ_HEADER: &str = "authorization";
+
+/// One `--claim-header CLAIM=HEADER`: the token's top-level claim `claim` goes upstream in
+/// header `header` (a string as it is, any other JSON value as JSON; control characters
+/// dropped). The header name is kept in lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHeader {
+    pub claim: String,
+    pub header: String,
+}
+
+/// Headers a `--claim-header` may not set: hop-by-hop and framing headers, and the ones
+/// ext_authz and `/auth` set themselves.
+const RESERVED_HEADERS: [&str; 16] = [
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "www-authenticate",
+    "x-keyfleet-subject",
+    "x-keyfleet-kid",
+    "x-keyfleet-reason",
+    "remote-user",
+];
+
+impl std::str::FromStr for ClaimHeader {
+    type Err = ConfigError;
+
+    /// Parses `CLAIM=HEADER`.
+    fn from_str(s: &str) -> Result<ClaimHeader, ConfigError> {
+        let bad = |why: &'static str| ConfigError::BadClaimHeader {
+            value: s.to_owned(),
+            why,
+        };
+        let (claim, header) = s.split_once('=').ok_or_else(|| bad("no '='"))?;
+        if claim.is_empty() || claim.len() > 128 || claim.chars().any(char::is_control) {
+            return Err(bad("the claim name must be 1 to 128 printable characters"));
+        }
+        let header = header.to_ascii_lowercase();
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if header.is_empty() || header.len() > 128 || !header.bytes().all(tchar) {
+            return Err(bad(
+                "the header name must be 1 to 128 of A-Z a-z 0-9 and !#$%&'*+-.^_`|~",
+            ));
+        }
+        if RESERVED_HEADERS.contains(&header.as_str()) || header.starts_with("x-auth-request-") {
+            return Err(bad(
+                "that header is hop-by-hop, framing, or one keyfleet sets itself",
+            ));
+        }
+        Ok(ClaimHeader {
+            claim: claim.to_owned(),
+            header,
+        })
+    }
 }
 
 /// Longest token lifetime a node accepts unless configured otherwise (`--max-lifetime`): a
@@ -132,6 +206,9 @@ impl Config {
             serve_watch: false,
             limits: Limits::default(),
             clock: Clock::system(),
+            authz_header: DEFAULT_AUTHZ_HEADER.to_owned(),
+            claim_headers: Vec::new(),
+            keep_authorization: false,
         }
     }
 
@@ -219,6 +296,33 @@ impl Config {
                 return Err(ConfigError::ServeWatchNeedsNodeToken);
             }
         }
+        let authz: ClaimHeader = format!("authz={}", self.authz_header)
+            .parse()
+            .map_err(|_| ConfigError::BadAuthzHeader(self.authz_header.clone()))?;
+        if authz.header != self.authz_header {
+            return Err(ConfigError::BadAuthzHeader(self.authz_header.clone()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for mapping in &self.claim_headers {
+            // Also catches a mapping built without `FromStr`.
+            let spec = format!("{}={}", mapping.claim, mapping.header);
+            match spec.parse::<ClaimHeader>() {
+                Err(e) => return Err(e),
+                Ok(parsed) if parsed != *mapping => {
+                    return Err(ConfigError::BadClaimHeader {
+                        value: spec,
+                        why: "the header name must be lower case",
+                    });
+                }
+                Ok(_) => {}
+            }
+            if mapping.header == self.authz_header || !seen.insert(mapping.header.as_str()) {
+                return Err(ConfigError::BadClaimHeader {
+                    value: spec,
+                    why: "the header is the token's own (--authz-header) or named twice",
+                });
+            }
+        }
         if let (Source::Authority { .. }, Some(path)) = (&self.source, &self.node_token_file) {
             crate::upstream::load_node_token(path)?;
         }
@@ -279,4 +383,12 @@ pub enum ConfigError {
         max = MAX_VERIFY_BATCH_WINDOW
     )]
     VerifyBatchWindowTooLong(Duration),
+    #[error(
+        "--claim-header {value:?} is not valid: {why} (the form is CLAIM=HEADER, e.g. email=x-user-email)"
+    )]
+    BadClaimHeader { value: String, why: &'static str },
+    #[error(
+        "--authz-header {0:?} is not valid: name one lower-case header that is not hop-by-hop (the default is \"authorization\")"
+    )]
+    BadAuthzHeader(String),
 }

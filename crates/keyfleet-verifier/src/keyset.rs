@@ -172,6 +172,7 @@ impl NodeKeys {
             fetched.revoked_kids,
             fetched.revoked_tokens,
         );
+        let keys = keys.with_revoked_sessions(fetched.revoked_sessions);
         for _ in 0..fetched.unparseable {
             self.metrics
                 .rejected(keyfleet_core::RejectedKey::Unparseable);

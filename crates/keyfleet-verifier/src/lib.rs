@@ -33,6 +33,8 @@ pub use keyfleet_runtime::serve::ServeError;
 pub use node::{BatchCounts, MAX_BATCH, OpenError, RunError, Verifier};
 pub use saved::SAVED_KEY_SET_FILE;
 pub use upstream::{MIN_NODE_TOKEN_BYTES, NodeTokenError, UpstreamError};
+// Proxies (issue 16): Envoy ext_authz and HTTP forward-auth settings.
+pub use config::{ClaimHeader, DEFAULT_AUTHZ_HEADER};
 
 use tokio::net::TcpListener;
 

@@ -1,10 +1,13 @@
 //! The verifier node's handle: [`Verifier::open`] builds it from a checked [`Config`],
 //! [`Verifier::serve`] runs it. The verify path is in `node/decide.rs` (with
 //! `node/combine.rs`, `node/signatures.rs`, and `node/batch.rs` for `VerifyBatch`),
-//! the background refreshes in `node/refresh.rs`, the HTTP endpoints in `node/http.rs`.
+//! the background refreshes in `node/refresh.rs`, the HTTP endpoints in `node/http.rs`
+//! (with forward-auth `/auth`), Envoy's ext_authz `Check` in `node/ext_authz.rs`, and what
+//! the two proxy front doors share (bearer token, route policy, challenges) in `node/authz.rs`.
 
 use std::sync::Arc;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use keyfleet_proto::encoded::authority_server::AuthorityServer;
 use keyfleet_proto::v1::verifier_server::VerifierServer;
 use keyfleet_runtime::CancellationToken;
@@ -23,9 +26,11 @@ use crate::node::combine::Combiner;
 use crate::relay::{MAX_REQUEST_BYTES, Relay, RelayService};
 use crate::upstream::{Upstream, UpstreamError};
 
+mod authz;
 mod batch;
 mod combine;
 mod decide;
+mod ext_authz;
 mod http;
 mod refresh;
 mod signatures;
@@ -203,7 +208,11 @@ impl Verifier {
         // while a megabyte-sized request is refused before it is buffered.
         let max_request = self.inner.config.max_token_bytes.saturating_add(64 * 1024);
         let server = VerifierServer::new(self.clone()).max_decoding_message_size(max_request);
-        let mut routes = Routes::new(server);
+        // Envoy's ext_authz `Check` (`node/ext_authz.rs`): the same verify path, the same
+        // transport limits and serve budget as `Verify`.
+        let ext_authz = AuthorizationServer::new(ext_authz::ExtAuthz(self.clone()))
+            .max_decoding_message_size(ext_authz::MAX_CHECK_REQUEST_BYTES + max_request);
+        let mut routes = Routes::new(server).add_service(ext_authz);
         if let Some(relay) = &self.inner.relay {
             relay.start(background.clone());
             routes = routes.add_service(

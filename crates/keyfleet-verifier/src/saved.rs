@@ -41,6 +41,15 @@ pub(crate) struct SavedKeySet {
     keys: Vec<Jwk>,
     revoked_kids: Vec<String>,
     revoked_tokens: Vec<SavedRevokedToken>,
+    /// Ended sessions (absent in files written before sessions existed).
+    #[serde(default)]
+    revoked_sessions: Vec<SavedRevokedSession>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedRevokedSession {
+    sid: String,
+    until: UnixSeconds,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -71,6 +80,13 @@ impl SavedKeySet {
                     until,
                 })
                 .collect(),
+            revoked_sessions: keys
+                .revoked_sessions()
+                .map(|(sid, until)| SavedRevokedSession {
+                    sid: sid.to_owned(),
+                    until,
+                })
+                .collect(),
         }
     }
 
@@ -85,6 +101,11 @@ impl SavedKeySet {
                 .revoked_tokens
                 .into_iter()
                 .map(|t| (t.jti, t.until))
+                .collect(),
+            revoked_sessions: self
+                .revoked_sessions
+                .into_iter()
+                .map(|s| (s.sid, s.until))
                 .collect(),
             unparseable: 0,
             from_delta: false,

@@ -158,6 +158,8 @@ pub(crate) struct Fetched {
     pub(crate) keys: Vec<Jwk>,
     pub(crate) revoked_kids: Vec<String>,
     pub(crate) revoked_tokens: Vec<(String, UnixSeconds)>,
+    /// Ended sessions (`sid`, until).
+    pub(crate) revoked_sessions: Vec<(String, UnixSeconds)>,
     /// JWKS entries that were not JWK objects at all (counted as rejected keys).
     pub(crate) unparseable: usize,
     /// Built by applying a delta of the push stream: never rolls the held version back (a
@@ -189,6 +191,9 @@ impl From<JwksSnapshot> for Fetched {
                 .into_iter()
                 .map(|t| (t.jti, t.until))
                 .collect(),
+            revoked_sessions: (s.revoked_sessions.into_iter())
+                .map(|s| (s.sid, s.until))
+                .collect(),
             unparseable: 0,
             from_delta: false,
         }
@@ -208,6 +213,11 @@ impl Fetched {
                 .iter()
                 .map(|(jti, until)| (jti.clone(), *until))
                 .collect(),
+            revoked_sessions: state
+                .revoked_sessions
+                .iter()
+                .map(|(sid, until)| (sid.clone(), *until))
+                .collect(),
             unparseable: 0,
             from_delta: true,
         }
@@ -216,6 +226,8 @@ impl Fetched {
 
 /// What one pull brought.
 #[derive(Debug)]
+// One per pull, moved once: boxing the snapshot would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Pulled {
     /// The authority's (or a relay's) snapshot, as it came.
     Snapshot(JwksSnapshot),

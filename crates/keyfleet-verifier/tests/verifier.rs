@@ -1050,8 +1050,10 @@ async fn readiness_health_and_metrics() {
 mod batching;
 mod defaults;
 mod deltas;
+mod demands;
 mod hostile;
 mod observability;
+mod proxies;
 mod relay;
 mod secure_cache;
 

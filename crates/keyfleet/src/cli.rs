@@ -53,6 +53,10 @@ pub enum Command {
     /// Inspect and operate the key ring.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Persistent login: start a session for a user whose password was just checked, refresh
+    /// it, end it (logout), end every session of a user, list them.
+    #[command(subcommand, long_about = SESSION_ABOUT)]
+    Session(SessionCommand),
     /// Load verifiers with Verify traffic (tokens of known verdicts, rotations, node kills) and
     /// report throughput, latency, per-node spread and server cost. Exit 1 on any wrong verdict.
     Loadtest(crate::loadtest::LoadtestArgs),
@@ -141,6 +145,17 @@ pub struct AuthorityArgs {
     /// Requests in progress before new ones are refused with RESOURCE_EXHAUSTED (load shedding).
     #[arg(long, env = "KEYFLEET_MAX_INFLIGHT", default_value_t = default_max_inflight(), value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inflight: u32,
+    /// How long the immediately previous refresh token of a session may be presented again (a
+    /// client whose answer was lost retries); any other spent refresh token ends the session.
+    /// 0s turns the window off.
+    #[arg(long, env = "KEYFLEET_REFRESH_REUSE_GRACE", default_value = default_duration(keyfleet_authority::DEFAULT_REFRESH_REUSE_GRACE), value_parser = parse_duration)]
+    pub refresh_reuse_grace: Duration,
+    /// A session not refreshed for this long ends (each refresh extends it).
+    #[arg(long, env = "KEYFLEET_SESSION_IDLE", default_value = default_duration(keyfleet_authority::DEFAULT_SESSION_IDLE), value_parser = parse_duration)]
+    pub session_idle: Duration,
+    /// A session ends this long after its login, refreshed or not.
+    #[arg(long, env = "KEYFLEET_SESSION_MAX", default_value = default_duration(keyfleet_authority::DEFAULT_SESSION_MAX), value_parser = parse_duration)]
+    pub session_max: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +268,22 @@ pub struct VerifierArgs {
     /// Needs --authority.
     #[arg(long, env = "KEYFLEET_SERVE_WATCH")]
     pub serve_watch: bool,
+    /// The request header Envoy ext_authz `Check` and HTTP `/auth` read the bearer token from.
+    #[arg(long, env = "KEYFLEET_AUTHZ_HEADER", default_value = keyfleet_verifier::DEFAULT_AUTHZ_HEADER)]
+    pub authz_header: String,
+    /// CLAIM=HEADER (repeatable): pass the token's claim upstream in this header when ext_authz
+    /// or /auth allows a request (strings as they are, other values as JSON).
+    #[arg(
+        long,
+        env = "KEYFLEET_CLAIM_HEADER",
+        value_name = "CLAIM=HEADER",
+        value_delimiter = ','
+    )]
+    pub claim_header: Vec<keyfleet_verifier::ClaimHeader>,
+    /// Leave the token's header on requests ext_authz allows (by default Envoy removes it, so
+    /// upstreams never see the raw token).
+    #[arg(long, env = "KEYFLEET_KEEP_AUTHORIZATION")]
+    pub keep_authorization: bool,
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +392,15 @@ pub enum TokenCommand {
         /// Audience the token must carry.
         #[arg(long, env = "KEYFLEET_AUDIENCE")]
         audience: Option<String>,
+        /// A scope the token's `scope` claim must grant (refused INSUFFICIENT_SCOPE otherwise).
+        /// Repeatable; all must be granted.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Step-up check: the login behind the token (its `auth_time`) may be at most this old
+        /// (a duration like 5m, or seconds); refused LOGIN_TOO_OLD otherwise, or when the token
+        /// has no `auth_time` — ask the user for the password again.
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        max_auth_age: Option<Duration>,
         #[command(flatten)]
         tls: ClientTlsArgs,
         /// The compact JWT, or - to read it from stdin.
@@ -378,6 +418,146 @@ pub enum TokenCommand {
         /// Until when: the token's `exp` as Unix seconds, an RFC 3339 time, or a duration from now (15m).
         #[arg(long)]
         until: String,
+    },
+}
+
+const SESSION_ABOUT: &str = "Persistent login. A login service checks a user's password, then calls \
+`session start` (admin credential): the user gets a short-lived access token (with claims `sid`, \
+`auth_time`, `scope`) and a refresh token (opaque, a secret: keep it like a password). \
+`session refresh` spends the refresh token for a new access token and a NEW refresh token; the \
+presented one is spent. Presenting a spent refresh token again (a thief's replay) ends the whole \
+session, and every verifier refuses its access tokens with SESSION_REVOKED within a second. \
+`session end` is logout; `session revoke-subject` ends every session of a user (e.g. after a \
+password change).\n\n\
+Refresh tokens never go on the command line if it can be helped (other users can read it in `ps`): \
+pass --refresh-token-file FILE (or - for stdin), and --refresh-token-out FILE to store the new one \
+(mode 0600) instead of printing it. Example:\n\n\
+\x20 keyfleet session start --subject alice --audience orders --scope orders:read \\\n\
+\x20     --refresh-token-out rt.txt\n\
+\x20 keyfleet session refresh --refresh-token-file rt.txt --refresh-token-out rt.txt\n\
+\x20 keyfleet session end --refresh-token-file rt.txt";
+
+/// Where a refresh token comes from: a file (or stdin), or the command line.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RefreshTokenIn {
+    /// File holding the refresh token, or - to read it from stdin (preferred: a token on the
+    /// command line is visible to other users in `ps`).
+    #[arg(long, value_name = "FILE")]
+    pub refresh_token_file: Option<PathBuf>,
+    /// The refresh token itself (or KEYFLEET_REFRESH_TOKEN).
+    #[arg(long, env = "KEYFLEET_REFRESH_TOKEN", hide_env_values = true)]
+    pub refresh_token: Option<String>,
+}
+
+/// How session tokens are printed.
+#[derive(Debug, Args)]
+pub struct SessionOut {
+    /// Write the new refresh token to this file (replaced atomically, mode 0600) instead of
+    /// printing it; may be the file it was read from.
+    #[arg(long, value_name = "FILE")]
+    pub refresh_token_out: Option<PathBuf>,
+    /// Print the answer as JSON (session_id, access_token, refresh_token, access_expires_at,
+    /// session_expires_at).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Log a user in (admin credential: call it once the password was checked). Prints the
+    /// session id, the access token and the refresh token.
+    Start {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The user (`sub` of every access token of the session).
+        #[arg(long, env = "KEYFLEET_SUBJECT")]
+        subject: String,
+        /// An audience of the access tokens (repeat for several).
+        #[arg(long, env = "KEYFLEET_AUDIENCE", required = true)]
+        audience: Vec<String>,
+        /// A scope of the session (repeatable): the access tokens carry them in `scope`, and a
+        /// refresh can only narrow them.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// A custom claim as key=value for every access token; a JSON value is kept as JSON.
+        /// Repeatable.
+        #[arg(long = "claim", value_name = "KEY=VALUE")]
+        claims: Vec<String>,
+        /// When the password (or second factor) was checked: Unix seconds or an RFC 3339 time.
+        /// [default: now]
+        #[arg(long, value_name = "TIME")]
+        auth_time: Option<String>,
+        /// Authentication context class (OIDC `acr`) copied into the access tokens.
+        #[arg(long)]
+        acr: Option<String>,
+        /// An authentication method (OIDC `amr`, e.g. pwd, otp, hwk); repeatable.
+        #[arg(long)]
+        amr: Vec<String>,
+        #[command(flatten)]
+        out: SessionOut,
+    },
+    /// Spend a refresh token for a new access token and a new refresh token (no admin
+    /// credential: the refresh token is the credential). Presenting a spent one ends the session.
+    Refresh {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        token: RefreshTokenIn,
+        /// Narrow the new access token to these scopes (a subset of the session's); repeatable.
+        /// [default: the session's scopes]
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        #[command(flatten)]
+        out: SessionOut,
+    },
+    /// Log out: end one session, by its refresh token (no admin credential) or by its id
+    /// (admin credential). Every verifier then refuses its access tokens (SESSION_REVOKED).
+    End {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The session id (`sid`); needs the admin credential.
+        #[arg(long, conflicts_with_all = ["refresh_token_file", "refresh_token"], required_unless_present_any = ["refresh_token_file", "refresh_token"])]
+        session_id: Option<String>,
+        /// File holding the session's refresh token, or - for stdin.
+        #[arg(long, value_name = "FILE", conflicts_with = "refresh_token")]
+        refresh_token_file: Option<PathBuf>,
+        /// The session's refresh token itself (or KEYFLEET_REFRESH_TOKEN).
+        #[arg(long, env = "KEYFLEET_REFRESH_TOKEN", hide_env_values = true)]
+        refresh_token: Option<String>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End every session of a user (admin credential), e.g. after a password change.
+    RevokeSubject {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The user (`sub`); one that starts with `-` is taken as it is.
+        #[arg(allow_hyphen_values = true)]
+        subject: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A user's sessions with their times, refreshes and end reasons (admin credential).
+    List {
+        #[command(flatten)]
+        conn: AuthorityConn,
+        #[command(flatten)]
+        cred: AdminCred,
+        /// The user (`sub`).
+        #[arg(long, env = "KEYFLEET_SUBJECT")]
+        subject: String,
+        /// Print the raw answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -439,6 +619,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verifier(args) => servers::run_verifier(args).await,
         Command::Token(cmd) => client::token(cmd).await,
         Command::Keys(cmd) => client::keys(cmd).await,
+        Command::Session(cmd) => crate::session::run(cmd).await,
         Command::Health { grpc, service, tls } => client::health(&grpc, &service, &tls).await,
         Command::Loadtest(args) => crate::loadtest::run(args).await,
     }
@@ -468,6 +649,18 @@ fn default_secs(secs: i64) -> &'static str {
 /// The servers' default cap on requests in progress (`keyfleet_runtime::limits::Limits`).
 fn default_max_inflight() -> u32 {
     keyfleet_runtime::limits::Limits::default().max_inflight as u32
+}
+
+/// A step-up age: whole seconds (`300`) or a duration (`5m`).
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let age = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => parse_duration(s)?,
+    };
+    if age.is_zero() {
+        return Err("0 would turn the step-up check off: leave --max-auth-age out for none".into());
+    }
+    Ok(age)
 }
 
 #[cfg(test)]

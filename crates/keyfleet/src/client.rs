@@ -28,7 +28,7 @@ use crate::exit::CliError;
 const ROTATE_POLL: Duration = Duration::from_millis(250);
 
 /// Connects to the gRPC server at `url` (the `what`, set with `flag`), over TLS for https://.
-async fn connect(
+pub(crate) async fn connect(
     url: &str,
     what: &str,
     flag: &str,
@@ -54,7 +54,7 @@ async fn admin(conn: &AuthorityConn, cred: &AdminCred) -> anyhow::Result<AdminCl
 }
 
 /// A bad URL (exit 64) or an unreachable server (exit 69), with the flag that sets it.
-fn explain_connect(e: ConnectError, url: &str, what: &str, flag: &str) -> anyhow::Error {
+pub(crate) fn explain_connect(e: ConnectError, url: &str, what: &str, flag: &str) -> anyhow::Error {
     match e {
         ConnectError::Endpoint(e) => anyhow::Error::new(e).context(CliError::Usage(flag.into())),
         ConnectError::Unreachable { source, .. } => {
@@ -68,14 +68,14 @@ fn explain_connect(e: ConnectError, url: &str, what: &str, flag: &str) -> anyhow
 
 /// Text a server chose, made safe to print: control characters (ESC, CR, LF, …) escaped, so a
 /// hostile or confused server cannot drive the operator's terminal or fake output lines.
-fn shown(text: &str) -> Cow<'_, str> {
+pub(crate) fn shown(text: &str) -> Cow<'_, str> {
     escape_untrusted(text)
 }
 
 /// Pretty JSON safe for a terminal. serde_json escapes the C0 controls inside strings but leaves
 /// DEL, the C1 controls (U+009B starts an escape sequence on some terminals) and U+2028/U+2029
 /// raw; those can only occur inside strings, where a `\uXXXX` escape is the same JSON value.
-fn terminal_json(value: &serde_json::Value) -> anyhow::Result<String> {
+pub(crate) fn terminal_json(value: &serde_json::Value) -> anyhow::Result<String> {
     let text = serde_json::to_string_pretty(value)?;
     let raw = |c: char| c >= '\u{7f}' && (c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'));
     if !text.chars().any(raw) {
@@ -93,7 +93,7 @@ fn terminal_json(value: &serde_json::Value) -> anyhow::Result<String> {
 }
 
 /// Turns a gRPC error into a message for a human (the server's message escaped).
-fn explain(status: Status, action: &str) -> anyhow::Error {
+pub(crate) fn explain(status: Status, action: &str) -> anyhow::Error {
     let message = shown(status.message());
     match status.code() {
         Code::Unauthenticated => CliError::Usage(format!(
@@ -135,7 +135,7 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
     Ok(token.to_owned())
 }
 
-fn parse_claim(kv: &str) -> anyhow::Result<(String, String)> {
+pub(crate) fn parse_claim(kv: &str) -> anyhow::Result<(String, String)> {
     let (k, v) = kv
         .split_once('=')
         .ok_or_else(|| CliError::Usage(format!("--claim {kv:?} is not KEY=VALUE")))?;
@@ -192,6 +192,8 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
         TokenCommand::Verify {
             verifier,
             audience,
+            scopes,
+            max_auth_age,
             tls,
             token,
         } => {
@@ -209,7 +211,8 @@ pub async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             let req = VerifyRequest {
                 token,
                 audience: audience.unwrap_or_default(),
-                ..Default::default()
+                required_scopes: scopes,
+                max_auth_age_seconds: max_auth_age.map_or(0, |d| d.as_secs().max(1) as i64),
             };
             let r = client
                 .verify(req)
@@ -335,7 +338,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn time(t: i64) -> String {
+pub(crate) fn time(t: i64) -> String {
     if t <= 0 {
         return "-".into();
     }
@@ -343,7 +346,7 @@ fn time(t: i64) -> String {
         .to_string()
 }
 
-fn ago(now: i64, t: i64) -> String {
+pub(crate) fn ago(now: i64, t: i64) -> String {
     if t <= 0 {
         return "-".into();
     }

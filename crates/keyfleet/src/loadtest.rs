@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use keyfleet_loadtest::fanout::{self, AuthoritySource, FanoutOptions};
+use keyfleet_loadtest::login::LoginOptions;
 use keyfleet_loadtest::{Invalid, Load, LoadOptions, Pick, Target, engine};
 use keyfleet_runtime::parse_duration;
 
@@ -24,6 +25,17 @@ pub enum InvalidArg {
     UnknownKid,
 }
 
+/// What traffic `keyfleet loadtest` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioArg {
+    /// Verify traffic with tokens of known verdicts (rotations, node kills, bad tokens).
+    Verify,
+    /// Persistent login: users log in, refresh on a schedule and are checked with scopes and
+    /// step-up demands; a thief replays a spent refresh token mid-run and the report shows the
+    /// theft detected and the session refused (SESSION_REVOKED) on every node, and how fast.
+    Login,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PickArg {
     Random,
@@ -35,6 +47,24 @@ pub enum PickArg {
 pub struct LoadtestArgs {
     #[command(subcommand)]
     pub benchmark: Option<Benchmark>,
+    /// Which traffic: `verify` (tokens of known verdicts) or `login` (sessions: logins,
+    /// refreshes, scope and step-up checks, a stolen refresh token replayed; see --users,
+    /// --refresh-every, --thefts, --revocation-bound).
+    #[arg(long, env = "KEYFLEET_SCENARIO", value_enum, default_value = "verify")]
+    pub scenario: ScenarioArg,
+    /// Login scenario: users that log in (one session each).
+    #[arg(long, env = "KEYFLEET_USERS", default_value_t = keyfleet_loadtest::login::DEFAULT_USERS)]
+    pub users: usize,
+    /// Login scenario: each user refreshes this often (keep it below the access tokens' ttl).
+    #[arg(long, env = "KEYFLEET_REFRESH_EVERY", default_value = default_duration(keyfleet_loadtest::login::DEFAULT_REFRESH_EVERY), value_parser = parse_duration)]
+    pub refresh_every: Duration,
+    /// Login scenario: stolen refresh tokens replayed during the run (each a different victim).
+    #[arg(long, env = "KEYFLEET_THEFTS", default_value_t = keyfleet_loadtest::login::DEFAULT_THEFTS)]
+    pub thefts: usize,
+    /// Login scenario: from the replay of a stolen refresh token until every node refuses the
+    /// session's access tokens (SESSION_REVOKED) may take at most this long (exit 1 otherwise).
+    #[arg(long, env = "KEYFLEET_REVOCATION_BOUND", default_value = default_duration(keyfleet_loadtest::login::DEFAULT_REVOCATION_BOUND), value_parser = parse_duration)]
+    pub revocation_bound: Duration,
     /// gRPC URL of the authority that mints the tokens (needs the admin credential).
     #[arg(long, env = "KEYFLEET_AUTHORITY", required_unless_present = "local")]
     pub authority: Option<String>,
@@ -281,9 +311,88 @@ impl LoadtestArgs {
     }
 }
 
+/// `--scenario login`: the options of [`keyfleet_loadtest::login`].
+fn login_options(args: LoadtestArgs) -> anyhow::Result<LoginOptions> {
+    let target = match args.local {
+        Some(n) => Target::Local {
+            verifiers: n as usize,
+        },
+        None => Target::Remote {
+            authority: args
+                .authority
+                .ok_or_else(|| CliError::Usage("--authority is required without --local".into()))?,
+            verifiers: args.verifiers,
+            admin_token: crate::client::admin_token(&args.cred)?,
+        },
+    };
+    if args.users == 0 {
+        return Err(CliError::Usage("--users must be at least 1".into()).into());
+    }
+    if args.thefts == 0 || args.thefts > args.users {
+        return Err(CliError::Usage(
+            "--thefts must be between 1 and --users (one victim each)".into(),
+        )
+        .into());
+    }
+    if args.refresh_every.is_zero() {
+        return Err(CliError::Usage("--refresh-every must be more than 0s".into()).into());
+    }
+    if args.rate.is_some() || args.rotate_every.is_some() || args.kill_every.is_some() {
+        return Err(CliError::Usage(
+            "--scenario login takes --concurrency for its Verify traffic; --rate, --rotate-every and --kill-every belong to --scenario verify".into(),
+        )
+        .into());
+    }
+    if args.report_html.is_some() {
+        return Err(CliError::Usage(
+            "--scenario login writes a JSON report only (--report-json)".into(),
+        )
+        .into());
+    }
+    Ok(LoginOptions {
+        target,
+        duration: args.duration,
+        users: args.users,
+        refresh_every: args.refresh_every,
+        concurrency: args.concurrency.max(1),
+        thefts: args.thefts,
+        audience: args.audience,
+        revocation_bound: args.revocation_bound,
+        tls: args.tls.load()?,
+        progress: true,
+    })
+}
+
+async fn run_login(args: LoadtestArgs) -> anyhow::Result<ExitCode> {
+    let json = args.report_json.clone();
+    let report = keyfleet_loadtest::login::run(login_options(args)?).await?;
+    print!("{}", report.summary());
+    if let Some(path) = &json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!("  JSON report     {}", path.display());
+    }
+    if report.passed() {
+        println!(
+            "OK: no honest user refused; every stolen refresh token detected and its session refused on every node within {}.",
+            humantime::format_duration(Duration::from_secs_f64(
+                report.revocation_bound_ms / 1000.0
+            ))
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: {}.", report.failures.join("; "));
+        Ok(ExitCode::from(1))
+    }
+}
+
 pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<ExitCode> {
     if let Some(Benchmark::Fanout(fanout)) = args.benchmark.take() {
         return run_fanout(fanout).await;
+    }
+    if args.scenario == ScenarioArg::Login {
+        return run_login(args).await;
     }
     let (json, html_file) = (args.report_json.clone(), args.report_html.clone());
     let options = args.options()?;
@@ -322,6 +431,52 @@ mod tests {
                 ..
             }) => Ok(f),
             other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn loadtest(args: &[&str]) -> LoadtestArgs {
+        let cli = Cli::try_parse_from(["keyfleet", "loadtest"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Loadtest(l) => l,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// `--scenario login` takes its own flags; the Verify load's open loop, rotations, kills and
+    /// HTML report are refused with it (exit 64), as are more thefts than users.
+    #[test]
+    fn the_login_scenario_takes_its_flags_and_refuses_the_verify_loads() {
+        let args = loadtest(&["--local", "3"]);
+        assert_eq!(args.scenario, ScenarioArg::Verify);
+        let args = loadtest(&[
+            "--scenario",
+            "login",
+            "--local",
+            "3",
+            "--users",
+            "10",
+            "--thefts",
+            "2",
+            "--refresh-every",
+            "500ms",
+        ]);
+        let o = login_options(args).unwrap();
+        assert_eq!((o.users, o.thefts), (10, 2));
+        assert_eq!(o.refresh_every, Duration::from_millis(500));
+        for extra in [
+            &["--rate", "100"][..],
+            &["--rotate-every", "1s"],
+            &["--report-html", "x.html"],
+            &["--users", "1", "--thefts", "2"],
+            &["--thefts", "0"],
+        ] {
+            let args = loadtest(&[&["--scenario", "login", "--local", "1"][..], extra].concat());
+            let e = login_options(args).unwrap_err();
+            assert_eq!(
+                crate::exit::exit_code(&e),
+                crate::exit::EXIT_CONFIG,
+                "{extra:?}"
+            );
         }
     }
 

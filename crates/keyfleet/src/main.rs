@@ -7,6 +7,7 @@ mod demo;
 mod exit;
 mod loadtest;
 mod servers;
+mod session;
 
 use std::process::ExitCode;
 

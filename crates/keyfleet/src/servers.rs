@@ -59,6 +59,11 @@ pub async fn run_authority(args: AuthorityArgs) -> anyhow::Result<ExitCode> {
     config.insecure_admin = args.insecure_admin;
     config.admin_rate = args.admin_rate;
     config.limits.max_inflight = args.max_inflight as usize;
+    config.sessions = keyfleet_authority::SessionPolicy {
+        idle: secs(args.session_idle),
+        max: secs(args.session_max),
+        reuse_grace: secs(args.refresh_reuse_grace),
+    };
     let authority = keyfleet_authority::Authority::open(config)?;
     let grpc = bind(args.grpc_listen, "grpc").await?;
     let http = bind(args.http_listen, "http").await?;
@@ -115,6 +120,9 @@ pub async fn run_verifier(args: VerifierArgs) -> anyhow::Result<ExitCode> {
     config.limits.max_inflight = args.max_inflight as usize;
     config.node_token_file = args.node_token_file;
     config.serve_watch = args.serve_watch;
+    config.authz_header = args.authz_header.to_ascii_lowercase();
+    config.claim_headers = args.claim_header;
+    config.keep_authorization = args.keep_authorization;
     let node_id = config.node_id.clone();
     // The whole configuration is checked (`Config::check`) and the node built before any
     // socket is bound: a bad one exits 64 without ever having listened.

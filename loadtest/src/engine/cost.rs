@@ -289,7 +289,7 @@ fn inprocess(
         node.set_cache_capacity(0);
         let uncached = per_token(valid.len(), || async {
             for t in valid {
-                let _ = node.verify_token(t, audience).await;
+                let _ = node.verify_token(t, audience, Default::default()).await;
             }
         })
         .await?;
@@ -303,14 +303,14 @@ fn inprocess(
         node.set_cache_capacity(capacity.max(valid.len()));
         let hit = per_token(valid.len(), || async {
             for t in valid {
-                let _ = node.verify_token(t, audience).await;
+                let _ = node.verify_token(t, audience, Default::default()).await;
             }
         })
         .await?;
         node.set_cache_capacity(capacity);
         let mixed = per_token(mix.len(), || async {
             for t in mix {
-                let _ = node.verify_token(t, audience).await;
+                let _ = node.verify_token(t, audience, Default::default()).await;
             }
         })
         .await?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use keyfleet_authority::client::AdminClient;
+use keyfleet_client::{PoolConfig, PoolStats};
 use tokio::time::Instant;
 
 use super::counters::RunFacts;
@@ -26,8 +27,9 @@ pub(super) async fn drive(
     urls: &[String],
     authority: AdminClient,
     cluster: Option<Arc<tokio::sync::Mutex<LocalCluster>>>,
-) -> anyhow::Result<Report> {
-    let shared = Shared::connect(options, urls)?;
+    pool: PoolConfig,
+) -> anyhow::Result<(Report, PoolStats)> {
+    let shared = Shared::connect(options, urls, pool).await?;
     let with_invalid = options.invalid_ratio > 0.0;
     let expiring = tokens::fill(&shared, &authority, options.tokens, with_invalid).await?;
 
@@ -67,20 +69,33 @@ pub(super) async fn drive(
 
     let load = shared.clone();
     let answered = schedule(options.load, end, move |slot| {
-        let (token, node) = load.choose()?;
+        let token = load.choose()?;
         let load = load.clone();
-        Some(async move { u64::from(load.one(&token, node, slot.due).await) })
+        Some(async move { u64::from(load.one(&token, slot.due).await) })
     })
     .await;
     let elapsed = started.elapsed();
+    let pool_stats = shared.verifiers.stats();
     shared.stop();
     let cpu_end = cpu::threads_cpu_ns(SERVER_THREADS);
     while background.join_next().await.is_some() {}
     let Ticked {
-        totals,
+        mut totals,
         timeline,
         kids,
     } = ticker.await.context("the ticker panicked")?;
+
+    // Requests sent to another node after one failed or could not decide; hedges apart.
+    totals.retries = pool_stats.retries;
+    tracing::info!(
+        requests = pool_stats.requests,
+        hedges = pool_stats.hedges,
+        hedge_wins = pool_stats.hedge_wins,
+        retries = pool_stats.retries,
+        ejections = pool_stats.ejections,
+        readmissions = pool_stats.readmissions,
+        "verifier pool"
+    );
 
     // Server cost: only where the verifiers run in this process.
     let mut cost = cost::unmeasured();
@@ -144,7 +159,7 @@ pub(super) async fn drive(
         _ => None,
     };
 
-    Ok(totals.into_report(RunFacts {
+    let report = totals.into_report(RunFacts {
         target,
         load: options.load,
         elapsed,
@@ -155,5 +170,6 @@ pub(super) async fn drive(
         events: shared.take_events(),
         timeline,
         kids_seen: kids.into_iter().collect(),
-    }))
+    });
+    Ok((report, pool_stats))
 }

@@ -11,9 +11,12 @@
 //! `counters` (per-second and total counts), `ticker` (the timeline and progress line),
 //! `chaos` (rotations and node kills) and `cost` (the server-cost measurements).
 //!
-//! The authority is called through `keyfleet_authority::client::AdminClient`; every
-//! connection the load makes uses `keyfleet_runtime::client::Settings::LOAD` (a request not
-//! answered within its deadline is retried on another node).
+//! The authority is called through `keyfleet_authority::client::AdminClient`. The load's
+//! `Verify` calls go through `keyfleet_client::VerifierPool` (power of two choices on in-flight
+//! calls, hedging after the recent p95, failing nodes ejected and probed back, retries on
+//! another node); [`run_with_pool`] sets its configuration (e.g. hedging off, to compare). The
+//! cost phases address each node directly, over `keyfleet_runtime::client::Settings::LOAD`
+//! connections.
 
 mod chaos;
 mod cost;
@@ -30,6 +33,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keyfleet_authority::client::AdminClient;
+pub use keyfleet_client::{PoolConfig, PoolStats};
 use keyfleet_proto::v1::Reason;
 use keyfleet_runtime::client::Settings;
 
@@ -74,7 +78,9 @@ pub enum Load {
     Concurrency(usize),
 }
 
-/// How each request picks its node.
+/// How each request picks its node. Kept for the command line's `--pick`; the load now goes
+/// through `keyfleet_client::VerifierPool`, which picks by power of two choices whatever this
+/// says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
     Random,
@@ -163,10 +169,31 @@ impl Default for LoadOptions {
 }
 
 /// Runs a load test and returns its report. A failed check is in the report (see
-/// [`Report::passed`]); an error means the run itself could not happen.
+/// [`Report::passed`]); an error means the run itself could not happen. The load goes through
+/// a `keyfleet_client::VerifierPool` with its defaults (hedging on).
 pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
+    Ok(run_with_pool(options, pool_config()).await?.0)
+}
+
+/// The pool of a run: the client's defaults, but a node that answers again is probed back
+/// within half a second (not up to 5 s), so a killed and revived node soon takes its share of
+/// the load again (the report judges the shares).
+pub fn pool_config() -> PoolConfig {
+    PoolConfig {
+        probe_backoff: Duration::from_millis(50),
+        probe_backoff_max: Duration::from_millis(500),
+        ..PoolConfig::default()
+    }
+}
+
+/// [`run`] through a pool configured by `pool` (`PoolConfig { hedging: false, ..pool_config() }`
+/// for `--no-hedge`); also returns what the pool did (hedges, hedge wins, retries, ejections).
+pub async fn run_with_pool(
+    options: LoadOptions,
+    pool: PoolConfig,
+) -> anyhow::Result<(Report, PoolStats)> {
     match options.target.clone() {
-        Target::Local { verifiers } => run_local(options, verifiers).await,
+        Target::Local { verifiers } => run_local(options, verifiers, pool).await,
         Target::Remote {
             authority,
             verifiers,
@@ -176,12 +203,16 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
                 AdminClient::lazy(&authority, &options.tls, &Settings::LOAD, &admin_token)
                     .context("--authority")?;
             let target = format!("{} verifiers at {}", verifiers.len(), verifiers.join(","));
-            drive(&options, target, &verifiers, authority, None).await
+            drive(&options, target, &verifiers, authority, None, pool).await
         }
     }
 }
 
-async fn run_local(options: LoadOptions, verifiers: usize) -> anyhow::Result<Report> {
+async fn run_local(
+    options: LoadOptions,
+    verifiers: usize,
+    pool: PoolConfig,
+) -> anyhow::Result<(Report, PoolStats)> {
     // The verifiers get their own runtime (named threads) so their CPU is measurable apart
     // from the load generator's.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -209,7 +240,15 @@ async fn run_local(options: LoadOptions, verifiers: usize) -> anyhow::Result<Rep
     options.leeway = Duration::from_secs(1);
     let target = format!("local cluster: 1 authority, {verifiers} verifiers (regions a, b)");
     let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
-    let result = drive(&options, target, &urls, authority, Some(cluster.clone())).await;
+    let result = drive(
+        &options,
+        target,
+        &urls,
+        authority,
+        Some(cluster.clone()),
+        pool,
+    )
+    .await;
     if let Ok(cluster) = Arc::try_unwrap(cluster) {
         cluster.into_inner().shutdown().await.ok();
     }

@@ -1,59 +1,35 @@
-//! One `Verify` of the load: sent to its node, retried on the next ones when a node cannot
-//! answer, timed from the intended send time, and judged against the token's known verdict.
+//! One `Verify` of the load: sent through the verifier pool (which picks the node, hedges a
+//! stalled request on another node and retries one that fails or cannot decide), timed from the
+//! intended send time, and judged against the token's known verdict.
 
 use keyfleet_core::escape_untrusted;
-use keyfleet_proto::v1::{Reason, VerifyRequest, VerifyResponse};
+use keyfleet_proto::v1::{VerifyRequest, VerifyResponse};
 use tokio::time::Instant;
-use tonic::Code;
 
 use super::counters::Counters;
 use super::state::{Shared, lock};
 use super::tokens::{Expect, PoolToken};
 
-/// A request is tried on at most this many nodes (counting the first).
-const MAX_ATTEMPTS: usize = 4;
-
 impl Shared {
-    /// Sends one request (retrying on other nodes) and records it, latency from `since`;
-    /// true when some node answered.
-    pub(super) async fn one(&self, token: &PoolToken, first: usize, since: Instant) -> bool {
-        let mut retries = 0;
-        let mut answer = None;
-        for attempt in 0..MAX_ATTEMPTS {
-            let node = (first + attempt) % self.nodes.len();
-            if attempt > 0 {
-                retries += 1;
+    /// Sends one request and records it, latency from `since`; true when some node answered.
+    /// (Retries and hedges are the pool's, counted in its stats.)
+    pub(super) async fn one(&self, token: &PoolToken, since: Instant) -> bool {
+        let req = VerifyRequest {
+            token: token.token.clone(),
+            audience: self.audience.clone(),
+            ..Default::default()
+        };
+        let answer = match self.verifiers.verify_request(req).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %keyfleet_runtime::error_chain(&e), "Verify failed on every node tried");
+                None
             }
-            let req = VerifyRequest {
-                token: token.token.clone(),
-                audience: self.audience.clone(),
-                ..Default::default()
-            };
-            match self.client(node).verify(req).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    // A node that cannot vouch for its key set answers UNAVAILABLE: ask another.
-                    if r.reason() == Reason::Unavailable {
-                        continue;
-                    }
-                    answer = Some(r);
-                    break;
-                }
-                Err(status) if retryable(status.code()) => {
-                    tracing::debug!(node, code = ?status.code(), message = status.message(), "retrying on another node");
-                    continue;
-                }
-                Err(status) => {
-                    tracing::warn!(node, code = ?status.code(), message = status.message(), "Verify failed");
-                    break;
-                }
-            }
-        }
+        };
         let micros = since.elapsed().as_micros() as u64;
         let mut c = lock(&self.counters);
         c.hist.saturating_record(micros.max(1));
         c.requests += 1;
-        c.retries += retries;
         if token.expect != Expect::Valid {
             c.invalid += 1;
         }
@@ -64,19 +40,6 @@ impl Shared {
         judge(&mut c, token, &r);
         true
     }
-}
-
-/// The failures another node may not have (down, restarting, overloaded, cut off mid-call).
-fn retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::Internal
-    )
 }
 
 /// Counts an answer: who gave it, and whether it is the verdict the token must get.

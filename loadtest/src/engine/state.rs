@@ -1,12 +1,13 @@
-//! What the workers and background tasks of one run share: the connections to every node, the
-//! token pool, the counters of the second in progress, the run's events and its stop flag.
+//! What the workers and background tasks of one run share: the verifier pool the load goes
+//! through (`keyfleet_client::VerifierPool`: balancing, ejection, hedging), the token pool, the
+//! counters of the second in progress, the run's events and its stop flag.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keyfleet_proto::v1::verifier_client::VerifierClient;
+use keyfleet_client::{PoolConfig, VerifierPool};
 use keyfleet_runtime::client::Settings;
 use rand::Rng as _;
 use tokio::time::Instant;
@@ -14,22 +15,21 @@ use tonic::transport::Channel;
 
 use super::counters::Counters;
 use super::tokens::{Expect, Pool, PoolToken};
-use super::{Invalid, LoadOptions, Pick};
+use super::{Invalid, LoadOptions};
 use crate::report::{Event, EventKind};
 
 /// One run's shared state, behind an `Arc` in every worker and background task.
 pub(super) struct Shared {
-    /// Per node, its connections (`connections_per_node` of them).
-    pub(super) nodes: Vec<Vec<VerifierClient<Channel>>>,
-    /// Every connection (node-major), so the cost measurements use the run's connections.
+    /// The load's requests go through it: a node per request by power of two choices, a
+    /// stalled request hedged on another node, failing nodes ejected and probed back.
+    pub(super) verifiers: VerifierPool,
+    /// `connections_per_node` connections to every node (node-major), for the cost
+    /// measurements, which address nodes directly.
     pub(super) channels: Vec<Channel>,
     pub(super) pool: RwLock<Pool>,
     /// The second in progress; the ticker swaps in a fresh one every second.
     pub(super) counters: Mutex<Counters>,
-    next_node: AtomicUsize,
-    next_conn: AtomicUsize,
     next_id: AtomicU64,
-    pick: Pick,
     pub(super) invalid_ratio: f64,
     invalid_kind: Invalid,
     pub(super) audience: String,
@@ -41,31 +41,39 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// Connects (lazily) to every node in `urls`.
-    pub(super) fn connect(options: &LoadOptions, urls: &[String]) -> anyhow::Result<Arc<Shared>> {
+    /// Connects (lazily) to every node in `urls`, the load through a pool configured by
+    /// `pool` (its TLS is the run's).
+    pub(super) async fn connect(
+        options: &LoadOptions,
+        urls: &[String],
+        pool: PoolConfig,
+    ) -> anyhow::Result<Arc<Shared>> {
         anyhow::ensure!(!urls.is_empty(), "no verifiers to load");
-        let (mut nodes, mut channels) = (Vec::new(), Vec::new());
+        let mut channels = Vec::new();
         for url in urls {
-            let mut conns = Vec::new();
             for _ in 0..options.connections_per_node.max(1) {
                 let channel =
                     keyfleet_runtime::client::endpoint(url, &options.tls, &Settings::LOAD)
                         .context("--verifiers")?
                         .connect_lazy();
-                channels.push(channel.clone());
-                conns.push(VerifierClient::new(channel));
+                channels.push(channel);
             }
-            nodes.push(conns);
         }
+        let verifiers = VerifierPool::builder()
+            .urls(urls.iter().cloned())
+            .config(PoolConfig {
+                tls: options.tls.clone(),
+                ..pool
+            })
+            .build()
+            .await
+            .context("--verifiers")?;
         Ok(Arc::new(Shared {
-            nodes,
+            verifiers,
             channels,
             pool: RwLock::new(Pool::default()),
             counters: Mutex::new(Counters::new()),
-            next_node: AtomicUsize::new(0),
-            next_conn: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
-            pick: options.pick,
             invalid_ratio: options.invalid_ratio.clamp(0.0, 1.0),
             invalid_kind: options.invalid_kind,
             audience: options.audience.clone(),
@@ -80,9 +88,9 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed) as u32
     }
 
-    /// A token to send and the node to send it to; `None` while the pool has none of the kind
-    /// asked for (e.g. expired tokens in the first seconds).
-    pub(super) fn choose(&self) -> Option<(Arc<PoolToken>, usize)> {
+    /// A token to send; `None` while the pool has none of the kind asked for (e.g. expired
+    /// tokens in the first seconds). The verifier pool picks the node.
+    pub(super) fn choose(&self) -> Option<Arc<PoolToken>> {
         let mut rng = rand::rng();
         let pool = read(&self.pool);
         let bad = !pool.invalid.is_empty() && rng.random_bool(self.invalid_ratio);
@@ -103,17 +111,7 @@ impl Shared {
             }
             from[rng.random_range(0..from.len())].clone()
         };
-        let node = match self.pick {
-            Pick::Random => rng.random_range(0..self.nodes.len()),
-            Pick::RoundRobin => self.next_node.fetch_add(1, Ordering::Relaxed) % self.nodes.len(),
-        };
-        Some((token, node))
-    }
-
-    /// One of `node`'s connections, in turn.
-    pub(super) fn client(&self, node: usize) -> VerifierClient<Channel> {
-        let conns = &self.nodes[node];
-        conns[self.next_conn.fetch_add(1, Ordering::Relaxed) % conns.len()].clone()
+        Some(token)
     }
 
     pub(super) fn set_current_kid(&self, kid: &str) {

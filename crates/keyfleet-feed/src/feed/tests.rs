@@ -221,3 +221,96 @@ async fn an_idle_node_that_holds_the_newest_version_may_be_told_so() {
     next(&mut old).await.unwrap();
     assert!(old.renewal().is_none());
 }
+
+/// A session ended as the authority names them (22 characters of base64url).
+fn end_session(state: &mut FeedState, i: usize, until: i64) {
+    state
+        .revoked_sessions
+        .insert(format!("Sx{i:04}b8Hq2ZcW5nLtR0pK"), until);
+}
+
+#[test]
+fn a_state_without_ended_sessions_keeps_the_digest_it_had_before_sessions() {
+    let mut state = ring();
+    revoke(&mut state, 7);
+    state.revoked_kids.insert("kf-old".into());
+    // The canonical bytes as they were before sessions existed: fields 2–6 only.
+    let before_sessions = JwksSnapshot {
+        issuer: state.issuer.clone(),
+        keys: state.keys.values().cloned().collect(),
+        revoked_kids: state.revoked_kids.iter().cloned().collect(),
+        revoked_tokens: state
+            .revoked_tokens
+            .iter()
+            .map(|(jti, until)| keyfleet_proto::v1::RevokedToken {
+                jti: jti.clone(),
+                until: *until,
+            })
+            .collect(),
+        active_kid: state.active_kid.clone(),
+        ..JwksSnapshot::default()
+    };
+    use sha2::Digest as _;
+    let old: [u8; 32] =
+        sha2::Sha256::digest(prost::Message::encode_to_vec(&before_sessions)).into();
+    assert_eq!(state.digest(), old);
+    // And a pinned value, so a change to the encoding cannot pass unnoticed.
+    assert_eq!(
+        hex(&ring().digest()),
+        "a2cb8600600fdfeb245c058d0497e0d9b2d3e8007354c16e19d16aa3befbb34d"
+    );
+    end_session(&mut state, 1, 1_900_000_000);
+    assert_ne!(state.digest(), old, "an ended session is part of the state");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn an_ended_session_travels_as_a_small_delta_and_is_dropped_the_same_way() {
+    let mut state = ring();
+    for i in 0..100 {
+        end_session(&mut state, i, 1_900_000_000);
+    }
+    let feed = Feed::new(state.clone(), 1, 0, Limits::default());
+    let mut sub = feed.subscribe(true, None);
+    let first = next(&mut sub).await.unwrap();
+    assert!(first.full);
+    let full = decode(&first);
+    assert_eq!(full.revoked_sessions.len(), 100);
+    let mut held = FeedState::from_snapshot(&full);
+    assert_eq!(held, state);
+
+    // One more ended session: a delta naming it alone.
+    end_session(&mut state, 500, 1_900_000_060);
+    feed.publish(state.clone(), 2, 10);
+    let m = next(&mut sub).await.unwrap();
+    assert!(!m.full);
+    assert!(m.bytes.len() < 128, "{} bytes", m.bytes.len());
+    let d = decode(&m);
+    let delta = d.delta.as_ref().unwrap();
+    assert_eq!(delta.revoked_sessions_added.len(), 1);
+    assert_eq!(delta.revoked_sessions_added[0].until, 1_900_000_060);
+    held.apply(delta, &d.issuer, &d.active_kid);
+    assert_eq!(held, state);
+    assert_eq!(d.digest, state.digest().to_vec());
+
+    // Past their `until`, entries leave: the delta names them, nothing more.
+    state
+        .revoked_sessions
+        .retain(|_, until| *until > 1_900_000_000);
+    feed.publish(state.clone(), 3, 20);
+    let d = decode(&next(&mut sub).await.unwrap());
+    let delta = d.delta.as_ref().unwrap();
+    assert_eq!(delta.revoked_sessions_dropped.len(), 100);
+    assert!(delta.revoked_sessions_added.is_empty());
+    held.apply(delta, &d.issuer, &d.active_kid);
+    assert_eq!(held, state);
+    assert_eq!(d.digest, state.digest().to_vec());
+
+    // The public snapshot (no fleet credential) never lists sessions.
+    let public: JwksSnapshot = feed.current().public.decode().unwrap();
+    assert!(public.revoked_sessions.is_empty());
+    assert_eq!(feed.current().snapshot().revoked_sessions.len(), 1);
+}

@@ -15,7 +15,7 @@ use keyfleet_proto::v1::{VerifyRequest, VerifyResponse};
 use tonic::Status;
 
 use super::Verifier;
-use super::decide::{Inflight, from_proto, policy_of, usable};
+use super::decide::{Inflight, demands_of, from_proto, policy_of, usable};
 use super::signatures::{Signed, check_all};
 use crate::keyset::Held;
 
@@ -100,7 +100,10 @@ impl Verifier {
             // The single path answers UNAVAILABLE for each; so does the batch.
             let mut out = Vec::with_capacity(requests.len());
             for r in requests {
-                out.push(self.verify_token(&r.token, &r.audience).await?);
+                out.push(
+                    self.verify_token(&r.token, &r.audience, demands_of(r))
+                        .await?,
+                );
             }
             return Ok(out);
         }
@@ -112,8 +115,10 @@ impl Verifier {
         for (i, r) in requests.iter().enumerate() {
             let audience = (!r.audience.is_empty()).then_some(r.audience.as_str());
             let key = cache.key(&r.token, audience);
-            match cache.get(key.as_ref(), &held, policy, now) {
-                Some(hit) => answers[i] = Some(hit),
+            match cache.get(key.as_ref(), &held, policy, now, &demands_of(r)) {
+                Some(hit) => {
+                    answers[i] = Some(hit.unwrap_or_else(|refusal| self.response(Err(refusal))))
+                }
                 None => {
                     misses.push((i, key));
                     items.push((r.token.as_str(), audience));
@@ -132,11 +137,9 @@ impl Verifier {
             answers[i] = Some(if unknown_kid {
                 // The single path owns the coalesced, rate-limited refresh for a new kid.
                 let r = &requests[i];
-                self.decide(&r.token, &r.audience).await?
+                self.decide(&r.token, &r.audience, &demands_of(r)).await?
             } else {
-                let response = self.response(verdict);
-                cache.insert(key, &held, policy, &response);
-                response
+                self.answer(verdict, key, &held, &demands_of(&requests[i]), now)
             });
         }
         let out: Vec<VerifyResponse> = answers.into_iter().flatten().collect();

@@ -1,33 +1,37 @@
 //! The `Verify` path: the key set in use, the verified-token cache, `validate` (through the
 //! combiner of `combine.rs`, which checks concurrent requests in one batch), and on an unknown
-//! kid the coalesced refresh behind the gate; then the answer in proto form.
+//! kid the coalesced refresh behind the gate; then the caller's demands (scopes, a recent
+//! login: [`check_demands`]) on a valid verdict, cached or not; then the answer in proto form.
 
 use std::sync::Arc;
 
 use keyfleet_core::token::Refusal;
-use keyfleet_core::{Reason, Verified, validate};
+use keyfleet_core::{Demands, Reason, UnixSeconds, Verified, check_demands, validate};
 use keyfleet_proto::v1::verifier_server;
 use keyfleet_proto::v1::{self as pb, VerifyRequest, VerifyResponse};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::Verifier;
+use crate::cache::Grants;
 use crate::gate::{self, Ticket};
 use crate::keyset::{Held, NodeKeys};
 use crate::metrics::{Metrics, Origin};
 
 impl Verifier {
-    /// Answers one `Verify`: an invalid token is an `Ok` answer with `valid = false`; an
-    /// error means the node cannot answer at all (no key set or no issuer yet).
+    /// Answers one `Verify`: an invalid token, or a valid one that does not meet the caller's
+    /// `demands` (scopes, a recent login), is an `Ok` answer with `valid = false`; an error
+    /// means the node cannot answer at all (no key set or no issuer yet).
     pub async fn verify_token(
         &self,
         token: &str,
         audience: &str,
+        demands: Demands<'_>,
     ) -> Result<VerifyResponse, Status> {
         let metrics = &self.inner.metrics;
         let _inflight = Inflight::enter(metrics);
         let start = Instant::now();
-        let answer = self.decide(token, audience).await;
+        let answer = self.decide(token, audience, &demands).await;
         metrics
             .verify_duration
             .observe(start.elapsed().as_secs_f64());
@@ -42,6 +46,7 @@ impl Verifier {
         &self,
         token: &str,
         audience: &str,
+        demands: &Demands<'_>,
     ) -> Result<VerifyResponse, Status> {
         // Counted from here until it reaches the combiner, so a batch leader can wait for it.
         let approach = self.inner.combiner.approach();
@@ -60,8 +65,8 @@ impl Verifier {
         let audience = (!audience.is_empty()).then_some(audience);
         let now = self.inner.config.clock.now();
         let cache_key = self.inner.cache.key(token, audience);
-        if let Some(hit) = self.inner.cache.get(cache_key.as_ref(), &held, policy, now) {
-            return Ok(hit);
+        if let Some(hit) = (self.inner.cache).get(cache_key.as_ref(), &held, policy, now, demands) {
+            return Ok(hit.unwrap_or_else(|refusal| self.response(Err(refusal))));
         }
         // Checked together with the other requests in flight (`combine.rs`): same verdict.
         let verdict = (self.inner.combiner)
@@ -73,11 +78,7 @@ impl Verifier {
                 kid: Some(kid),
                 ..
             }) => kid.clone(),
-            _ => {
-                let response = self.response(verdict);
-                self.inner.cache.insert(cache_key, &held, policy, &response);
-                return Ok(response);
-            }
+            _ => return Ok(self.answer(verdict, cache_key, &held, demands, now)),
         };
         self.inner.metrics.unknown_kid.inc();
         if held.keys.is_ambiguous(&kid) || !self.refresh_for_unknown_kid(&kid).await {
@@ -90,13 +91,8 @@ impl Verifier {
         let Some(policy) = held.policy.as_ref() else {
             return Ok(self.response(verdict));
         };
-        let verdict = validate(
-            token,
-            &held.keys,
-            self.inner.config.clock.now(),
-            policy,
-            audience,
-        );
+        let now = self.inner.config.clock.now();
+        let verdict = validate(token, &held.keys, now, policy, audience);
         if matches!(
             &verdict,
             Err(Refusal {
@@ -106,7 +102,35 @@ impl Verifier {
         ) {
             self.inner.gate.missing(&kid);
         }
-        Ok(self.response(verdict))
+        Ok(self.response(demanded(verdict, demands, now)))
+    }
+
+    /// The answer for a fresh `verdict`: a valid one is cached (the node's verdict, before
+    /// the caller's demands), then `demands` are checked.
+    pub(super) fn answer(
+        &self,
+        verdict: Result<Verified, Refusal>,
+        cache_key: Option<crate::cache::CacheKey>,
+        held: &Held,
+        demands: &Demands<'_>,
+        now: UnixSeconds,
+    ) -> VerifyResponse {
+        let Some(policy) = held.policy.as_ref() else {
+            return self.response(demanded(verdict, demands, now));
+        };
+        let (grants, refused) = match &verdict {
+            Ok(verified) => (
+                cache_key.map(|_| Grants::of(verified)),
+                demands_refuse(verified, demands, now),
+            ),
+            Err(_) => (None, None),
+        };
+        let response = self.response(verdict);
+        (self.inner.cache).insert(cache_key, held, policy, &response, grants);
+        match refused {
+            Some(refusal) => self.response(Err(refusal)),
+            None => response,
+        }
     }
 
     /// Triggers or joins a coalesced, rate-limited refresh, and waits for it at most
@@ -166,7 +190,7 @@ impl verifier_server::Verifier for Verifier {
         request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
         let request = request.into_inner();
-        self.verify_token(&request.token, &request.audience)
+        self.verify_token(&request.token, &request.audience, demands_of(&request))
             .await
             .map(Response::new)
     }
@@ -179,6 +203,43 @@ impl verifier_server::Verifier for Verifier {
         self.verify_batch(&request.requests)
             .await
             .map(|responses| Response::new(pb::VerifyBatchResponse { responses }))
+    }
+}
+
+/// The demands a `VerifyRequest` makes.
+pub(super) fn demands_of(request: &VerifyRequest) -> Demands<'_> {
+    Demands {
+        required_scopes: &request.required_scopes,
+        max_auth_age: request.max_auth_age_seconds,
+    }
+}
+
+/// The refusal `demands` give a valid token, with its kid; `None` when it meets them (or
+/// nothing is demanded: then no claim is looked at).
+fn demands_refuse(verified: &Verified, demands: &Demands<'_>, now: UnixSeconds) -> Option<Refusal> {
+    if demands.is_empty() {
+        return None;
+    }
+    check_demands(&verified.claims, demands, now)
+        .err()
+        .map(|refusal| Refusal {
+            kid: Some(verified.kid.clone()),
+            ..refusal
+        })
+}
+
+/// `verdict` with `demands` applied to it when it is valid.
+fn demanded(
+    verdict: Result<Verified, Refusal>,
+    demands: &Demands<'_>,
+    now: UnixSeconds,
+) -> Result<Verified, Refusal> {
+    match verdict {
+        Ok(verified) => match demands_refuse(&verified, demands, now) {
+            Some(refusal) => Err(refusal),
+            None => Ok(verified),
+        },
+        refused => refused,
     }
 }
 

@@ -26,6 +26,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// How often an idle watch stream repeats its ack. The authority holds a node id for a stream
 /// heard from within three heartbeats, and refuses another stream under that id meanwhile.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// While the source answers but refuses this node a watch stream, the node pulls the key set at
+/// most this often instead (see [`refused_but_up`]).
+const REFUSED_PULL_EVERY: Duration = Duration::from_secs(5);
 
 impl Verifier {
     /// One pull from the source, applied. Logs and counts the outcome.
@@ -81,17 +84,22 @@ impl Verifier {
 
     /// Keeps a `WatchJwks` stream open, reconnecting with jittered exponential backoff. The
     /// source's state as the stream left it survives reconnects (in memory only), so a
-    /// reconnect resumes with the changes since.
+    /// reconnect resumes with the changes since. While the source answers but refuses the
+    /// stream (a restarted node whose previous stream it still holds), the node pulls instead,
+    /// at once and then at most every [`REFUSED_PULL_EVERY`].
     async fn watch_loop(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
         let mut tracked = None;
         let mut resumed_after_full = false;
+        // When the last pull for a refused stream ran; none since a stream ended otherwise.
+        let mut refused_pull: Option<Instant> = None;
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 outcome = self.watch_once(&mut backoff, &mut tracked) => outcome,
             };
             self.inner.keys.watching.store(false, Ordering::Release);
+            let refused = matches!(&outcome, StreamEnd::Failed(status) if refused_but_up(status));
             match outcome {
                 // Once in a row: a source that ends every stream after a full snapshot gets the
                 // backoff like any other ending.
@@ -118,6 +126,23 @@ impl Verifier {
                 }
             }
             resumed_after_full = false;
+            if !refused {
+                refused_pull = None;
+            } else if refused_pull.is_none_or(|at| at.elapsed() >= REFUSED_PULL_EVERY) {
+                // The source is up but will not stream to this node for a while (e.g. the
+                // stream of this node's previous run, killed without closing it, still holds
+                // the node id). The set held may be the one saved before a restart: pull the
+                // source's (new keys, revocations) rather than serve it until the stream is
+                // taken.
+                refused_pull = Some(Instant::now());
+                tracing::info!(
+                    "the source refuses the jwks stream for now; pulling the key set until it takes it"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.fetch_and_apply(Origin::Pull) => {}
+                }
+            }
             let delay = backoff.next();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -379,6 +404,17 @@ enum StreamEnd {
     Failed(Status),
     /// A delta did not fit the state held: reconnect without it, for a full snapshot.
     Resync(Resync),
+}
+
+/// Whether a failed `WatchJwks` means the source is up but will not stream to this node for now:
+/// a live stream holds the node id (`ALREADY_EXISTS`), or the source serves no more streams
+/// (`RESOURCE_EXHAUSTED`). A pull then gets the newest set (were the source down, it would only
+/// fail too).
+fn refused_but_up(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::AlreadyExists | tonic::Code::ResourceExhausted
+    )
 }
 
 /// Resolves when a relay's downstream watchers changed; never without a relay.

@@ -46,7 +46,12 @@ impl InProcess {
             .cloned()
             .map(|(token, audience)| {
                 let verifier = self.verifier.clone();
-                tokio::spawn(async move { verifier.verify_token(&token, &audience).await.unwrap() })
+                tokio::spawn(async move {
+                    verifier
+                        .verify_token(&token, &audience, Default::default())
+                        .await
+                        .unwrap()
+                })
             })
             .collect();
         let mut answers = Vec::with_capacity(tasks.len());
@@ -88,7 +93,7 @@ async fn plain_answers(
         if !answers.contains_key(request) {
             let answer = plain
                 .verifier
-                .verify_token(&request.0, &request.1)
+                .verify_token(&request.0, &request.1, Default::default())
                 .await
                 .unwrap();
             answers.insert(request.clone(), answer);
@@ -506,7 +511,10 @@ async fn the_window_never_delays_a_lone_request() {
     let mut client = VerifierClient::new(grpc::lazy_channel(node.served.grpc));
     for (i, token) in tokens.iter().enumerate() {
         let answer = if i % 2 == 0 {
-            node.verifier.verify_token(token, "").await.unwrap()
+            node.verifier
+                .verify_token(token, "", Default::default())
+                .await
+                .unwrap()
         } else {
             let request = VerifyRequest {
                 token: token.clone(),

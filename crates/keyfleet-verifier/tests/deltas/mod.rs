@@ -573,3 +573,48 @@ async fn an_empty_delta_renews_freshness() {
     node.stop().await;
     authority.stop().await;
 }
+
+/// A session ended by a delta (issue 15) reaches the node: its tokens are refused with
+/// SESSION_REVOKED, cached or not, and the node's state still has the source's digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_a_delta_is_refused() {
+    let a = key(1);
+    let mut snap = snapshot(1, &[&a]);
+    let upstream = FeedUpstream::start(&snap).await;
+    let node = ready_node(push_only(upstream.source())).await;
+    let in_session = token_as(&a, &a.kid, NOW, |c| {
+        c.extra.insert("sid".into(), "s-1".into());
+    });
+    // Valid, and cached as such.
+    check(&node, "live session", &in_session, "", Reason::Ok).await;
+    check(&node, "live session", &in_session, "", Reason::Ok).await;
+    snap.version = 2;
+    snap.revoked_sessions.push(pb::RevokedSession {
+        sid: "s-1".into(),
+        until: NOW + 3600,
+    });
+    upstream.publish(&snap);
+    eventually("version 2", || async {
+        node.metric("keyfleet_jwks_version ").await == Some(2.0)
+    })
+    .await;
+    check(
+        &node,
+        "ended session",
+        &in_session,
+        "",
+        Reason::SessionRevoked,
+    )
+    .await;
+    assert_eq!(
+        upstream.sent().last(),
+        Some(&(2, false)),
+        "it came as a delta: {:?}",
+        upstream.sent()
+    );
+    assert_eq!(
+        counter(&node, "keyfleet_jwks_resyncs_total{reason=\"digest\"}").await,
+        0.0
+    );
+    node.stop().await;
+}

@@ -703,3 +703,129 @@ async fn mutual_tls_at_a_relay_names_the_node_by_its_certificate() {
     relay.stop().await;
     auth.served.stop().await;
 }
+
+/// A node restarted while the watch stream of its previous run still holds its node id at the
+/// relay (a killed container: the relay hears nothing and holds the id until it is no longer
+/// live) is refused `WatchJwks` (`ALREADY_EXISTS`) until then. It must not serve the key set it
+/// saved before it went down meanwhile: it pulls `GetJwks` instead, so a token revoked while it
+/// was down is refused, and the key two rotations later verifies, as soon as it is up. Here the
+/// old stream goes on heartbeating, so the id stays held for the whole test (the compose e2e's
+/// flake: verifier-a2 served its saved set for 11 s after `docker start`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_whose_id_a_live_stream_still_holds_pulls_instead_of_serving_its_saved_set()
+ {
+    let auth = TestAuthority::start().await;
+    let relay = ready_node(relay(&auth)).await;
+    let relay_url = format!("http://{}", relay.served.grpc);
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    chmod(&cache, 0o700);
+    // As in deploy/compose: a pull every 60 s, the default unknown-kid cool-down.
+    let config = Config {
+        cache_dir: Some(cache.clone()),
+        refresh_interval: Duration::from_secs(60),
+        unknown_kid_cooldown: keyfleet_verifier::DEFAULT_UNKNOWN_KID_COOLDOWN,
+        ..verifier(&auth.token_file, relay_url, "node-2")
+    };
+    let saved_version = |dir: &std::path::Path| {
+        std::fs::read(dir.join(SAVED_KEY_SET_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["version"].as_u64())
+    };
+
+    // The first run saves the set it holds, then goes down.
+    let first = ready_node(config.clone()).await;
+    let revoked = auth.issue().await;
+    let old_version = auth.list().await.version;
+    eventually("the node saves the set it holds", || async {
+        saved_version(&cache) == Some(old_version)
+    })
+    .await;
+    first.stop().await;
+
+    // While it is down: two rotations (the saved set lacks the key that signs now) and a
+    // revocation.
+    for _ in 0..2 {
+        let version = auth.list().await.version;
+        eventually("the relay acknowledges the newest version", || async {
+            auth.watcher(RELAY)
+                .await
+                .is_some_and(|w| w.acked_version >= version)
+        })
+        .await;
+        let promoting = auth
+            .client()
+            .rotate_keys(bearer(pb::RotateKeysRequest {}, &auth.admin))
+            .await
+            .unwrap()
+            .into_inner()
+            .promoting_kid;
+        eventually("the rotated key signs", || async {
+            auth.list()
+                .await
+                .keys
+                .iter()
+                .any(|k| k.kid == promoting && k.state() == KeyState::Active)
+        })
+        .await;
+    }
+    auth.client()
+        .revoke_token(bearer(
+            pb::RevokeTokenRequest {
+                jti: revoked.jti.clone(),
+                until: revoked.expires_at,
+            },
+            &auth.admin,
+        ))
+        .await
+        .unwrap();
+    let newest = auth.issue().await;
+    let version = auth.list().await.version;
+    eventually("the relay serves the newest version", || async {
+        relay_client(&relay)
+            .get_jwks(bearer(pb::GetJwksRequest {}, &auth.node))
+            .await
+            .is_ok_and(|r| r.into_inner().version == version)
+    })
+    .await;
+
+    // The old run's stream still holds the id (it heartbeats; a killed node's stream is held
+    // for up to keyfleet_feed::watch::LIVE_WINDOW without).
+    let (held, mut held_stream) = raw_watch(&relay, &auth.node, "node-2", true).await;
+    held_stream.message().await.unwrap().unwrap();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            let ack = WatchJwksRequest {
+                acked_version: old_version,
+                ..Default::default()
+            };
+            if held.send(ack).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let refused = raw_watch_refused(&relay, &auth.node, "node-2").await;
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+
+    // The second run starts from the saved set, is refused the watch, and pulls.
+    assert_eq!(saved_version(&cache), Some(old_version));
+    let second = ready_node(config).await;
+    eventually(
+        "the restarted node refuses the token revoked while it was down",
+        || async { reason(&second, &revoked.token).await == Reason::TokenRevoked },
+    )
+    .await;
+    assert_eq!(reason(&second, &newest.token).await, Reason::Ok);
+    assert!(
+        auth.watcher("node-2").await.is_some(),
+        "the old stream still holds the id"
+    );
+    heartbeat.abort();
+    drop(held_stream);
+    second.stop().await;
+    relay.stop().await;
+    auth.served.stop().await;
+}
