@@ -5,12 +5,12 @@
 //! up anyone else's budget — least of all an operator's emergency revocation.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use keyfleet_runtime::credentials::{
-    Bucket, FAILURE_PER_SECOND, FailedCredentials, MAX_FAILING_PEERS, Verdict,
+    Bucket, FAILURE_PER_SECOND, FailedCredentials, MAX_FAILING_PEERS, Verdict, peer_key,
 };
 use tokio::time::Instant;
 
@@ -114,20 +114,6 @@ impl RefreshGuard {
             Verdict::Refused | Verdict::Accepted => true,
         }
     }
-}
-
-/// The key a peer is limited under: its address, or its /64 for IPv6 (as failed credentials).
-fn peer_key(peer: Option<SocketAddr>) -> Option<IpAddr> {
-    peer.map(|p| match p.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    })
 }
 
 #[derive(Debug)]

@@ -134,7 +134,7 @@ impl FailingPeers {
 
 /// The key a peer's failures are counted under: its IP address, or its /64 for IPv6 (one host
 /// commonly holds a whole /64, and would otherwise get a fresh budget per address).
-fn peer_key(peer: Option<SocketAddr>) -> Option<IpAddr> {
+pub fn peer_key(peer: Option<SocketAddr>) -> Option<IpAddr> {
     peer.map(|p| match p.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
